@@ -1,0 +1,331 @@
+"""Dispatch (SPEC section 7): pending work -> providers, with per-tenant limits.
+
+The dispatcher leases due items from PostgreSQL (`FOR UPDATE SKIP LOCKED`, so
+replicas share work without doubles), renders and plans each one (pure
+code), executes the action through the configuration's provider, and
+records the outcome. Every item runs in its own task under its tenant's
+semaphore and a timeout: a hanging or failing tenant only ever holds its
+own slots, never another tenant's work nor a Kafka partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+
+from consumer import logs, store
+from consumer.metrics import Metrics
+from consumer.plan import Create, Delete, Move, Noop, Recorded, Update, plan
+from consumer.providers import build_provider
+from consumer.providers.base import (
+    PROVIDER_ERROR,
+    SERVER_UNREACHABLE,
+    EventGone,
+    Provider,
+    ProviderContext,
+    ProviderError,
+)
+from consumer.render import DesiredEvent, render
+from consumer.secrets import SecretBox
+from consumer.settings import Settings
+
+log = logs.get("dispatch")
+
+ProviderFactory = Callable[[store.StoredConfig], Provider]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential back-off with jitter that never undercuts a server's hint."""
+
+    base: float = 1.0
+    cap: float = 900.0
+    give_up_after: float = 86_400.0
+
+    def delay(self, attempts: int, retry_after: float | None) -> float:
+        backoff = min(self.cap, self.base * (2 ** min(attempts, 30)))
+        jittered: float = backoff * random.uniform(0.5, 1.0)
+        return max(jittered, retry_after or 0.0)
+
+    def next_attempt(
+        self, attempts: int, retry_after: float | None, first_failure: dt.datetime | None
+    ) -> dt.datetime | None:
+        """When to try again, or None to give up."""
+        now = dt.datetime.now(dt.UTC)
+        if first_failure is not None and (now - first_failure).total_seconds() > self.give_up_after:
+            return None
+        return now + dt.timedelta(seconds=self.delay(attempts, retry_after))
+
+
+def transaction_id(config_id: str, absence_id: str, generation: int) -> str:
+    return f"{config_id}/{absence_id}/{generation}"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        *,
+        box: SecretBox | None = None,
+        provider_factory: ProviderFactory | None = None,
+        context: ProviderContext | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.box = box or SecretBox(settings.secret_keys)
+        self.context = context or ProviderContext(settings)
+        self.factory: ProviderFactory = provider_factory or (
+            lambda stored: build_provider(stored.config, self.context)
+        )
+        self.policy = RetryPolicy(
+            settings.retry_base_seconds, settings.retry_max_seconds, settings.retry_for_seconds
+        )
+        self.wake = asyncio.Event()
+        self._providers: dict[str, tuple[int, Provider]] = {}
+        self._revisions: dict[str, int] = {}
+        self._configs: dict[str, store.StoredConfig] = {}
+        self._tenant_load: dict[str, int] = defaultdict(int)
+        self._tasks: dict[asyncio.Task[None], store.Claimed] = {}
+        self._slots = asyncio.Semaphore(settings.dispatch_concurrency)
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Lease and start work until `stop` is set; then drain (see `drain`)."""
+        while not stop.is_set():
+            started = await self.tick()
+            if started:
+                continue
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.dispatch_poll_seconds):
+                    await _first(self.wake.wait(), stop.wait())
+
+    async def tick(self) -> int:
+        """Lease what is due and start a task per item; returns how many started."""
+        free = self.settings.dispatch_concurrency - len(self._tasks)
+        if free <= 0:
+            await asyncio.sleep(0.01)
+            return 0
+        busy = [t for t, n in self._tenant_load.items() if n >= self.settings.tenant_concurrency]
+        self._revisions = await store.config_revisions(self.pool)
+        items = await store.claim(
+            self.pool,
+            limit=free,
+            per_tenant=self.settings.tenant_concurrency,
+            busy_tenants=busy,
+            lease_seconds=self.settings.lease_seconds,
+        )
+        for item in items:
+            self._tenant_load[item.tenant] += 1
+            task = asyncio.create_task(self._run_item(item))
+            self._tasks[task] = item
+            task.add_done_callback(self._done)
+        self.metrics.in_flight.set(len(self._tasks))
+        return len(items)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        item = self._tasks.pop(task)
+        self._tenant_load[item.tenant] -= 1
+        if self._tenant_load[item.tenant] <= 0:
+            del self._tenant_load[item.tenant]
+        self.metrics.in_flight.set(len(self._tasks))
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dispatch task crashed", exc_info=task.exception())
+        self.wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for work in flight, then cancel it and hand it back."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        leftover = dict(self._tasks)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.gather(*leftover, return_exceptions=True)
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                await store.release(self.pool, list(leftover.values()))
+        for _, provider in self._providers.values():
+            with contextlib.suppress(Exception):
+                await provider.close()
+        self._providers.clear()
+
+    async def _provider(self, config_id: str) -> tuple[store.StoredConfig, Provider] | None:
+        revision = self._revisions.get(config_id)
+        cached = self._providers.get(config_id)
+        if cached is not None and revision in (None, cached[0]) and config_id in self._configs:
+            return self._configs[config_id], cached[1]
+        stored = await store.get_config(self.pool, config_id, self.box)
+        if stored is None:
+            return None
+        provider = self.factory(stored)
+        if cached is not None:
+            with contextlib.suppress(Exception):
+                await cached[1].close()
+        self._providers[config_id] = (stored.revision, provider)
+        self._configs[config_id] = stored
+        return stored, provider
+
+    async def _run_item(self, item: store.Claimed) -> None:
+        structlog_ctx = {
+            "tenant": item.tenant, "config": item.config_id, "absence": item.absence_id
+        }
+        operation = "resolve"
+        kind = "unknown"
+        try:
+            found = await self._provider(item.config_id)
+            if found is None:
+                return
+            stored, provider = found
+            kind = stored.config.provider
+            operation, desired, outcome = await self._execute(item, stored, provider)
+            await store.finish(self.pool, item, outcome, operation)
+            if operation != "noop" and desired is not None and item.event_time is not None:
+                age = (dt.datetime.now(dt.UTC) - item.event_time).total_seconds()
+                self.metrics.end_to_end.observe(max(0.0, age))
+            if operation != "noop":
+                log.info("synced", operation=operation, **structlog_ctx)
+        except ProviderError as exc:
+            self.metrics.errors.labels(kind, exc.code).inc()
+            retry_at = (
+                self.policy.next_attempt(item.attempts, exc.retry_after, item.first_failure_at)
+                if exc.retriable
+                else None
+            )
+            await store.fail(
+                self.pool, item, code=exc.code, message=exc.message, hint=exc.hint,
+                retry_at=retry_at, operation=operation,
+            )
+            log.warning(
+                "calendar write failed", code=exc.code, retriable=exc.retriable,
+                retry_after=exc.retry_after, error=exc.message[:300], **structlog_ctx,
+            )
+
+    async def _call(
+        self, kind: str, operation: str, coro_fn: Callable[[], Awaitable[T]]
+    ) -> T:
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            async with self._slots, asyncio.timeout(self.settings.request_timeout_seconds * 2):
+                result = await coro_fn()
+            outcome = "ok"
+            return result
+        except TimeoutError as exc:
+            raise ProviderError(
+                SERVER_UNREACHABLE, f"{operation} timed out", retriable=True
+            ) from exc
+        except ProviderError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ProviderError(PROVIDER_ERROR, f"{operation}: {exc}", retriable=True) from exc
+        finally:
+            self.metrics.requests.labels(kind, operation, outcome).inc()
+            self.metrics.request_seconds.labels(kind, operation).observe(
+                time.monotonic() - started
+            )
+
+    async def _execute(
+        self, item: store.Claimed, stored: store.StoredConfig, provider: Provider
+    ) -> tuple[str, DesiredEvent | None, store.Outcome]:
+        config = stored.config
+        kind = config.provider
+        desired = render(item.absence, config)
+        recorded = Recorded(item.event_id, item.mailbox, item.applied_hash)
+        if item.intent == "create" and item.event_id is None and item.mailbox:
+            recorded = await self._adopt(item, provider, kind, item.mailbox)
+        action = plan(desired, recorded, force=item.force)
+
+        async def create(target: DesiredEvent, generation: int) -> str:
+            await store.begin_create(self.pool, item, target.mailbox, generation)
+            tx = transaction_id(item.config_id, item.absence_id, generation)
+            event_id = await self._call(
+                kind, "create", lambda: provider.create(target, transaction_id=tx)
+            )
+            return str(event_id)
+
+        generation = item.generation
+        if isinstance(action, Noop):
+            return "noop", desired, _outcome(desired, recorded.event_id, recorded.mailbox)
+        if isinstance(action, Create):
+            event_id = await create(action.desired, generation + 1)
+            return "create", desired, _outcome(desired, event_id, action.desired.mailbox)
+        if isinstance(action, Update):
+            try:
+                target = action.desired
+                event_id = await self._call(
+                    kind, "update", lambda: provider.update(target.mailbox, action.event_id, target)
+                )
+            except EventGone:
+                event_id = await create(action.desired, generation + 1)
+                return "recreate", desired, _outcome(desired, event_id, action.desired.mailbox)
+            return "update", desired, _outcome(desired, event_id, action.desired.mailbox)
+        if isinstance(action, Move):
+            await self._call(
+                kind, "delete",
+                lambda: provider.delete(action.old_mailbox, action.old_event_id),
+            )
+            await store.forget_event(self.pool, item)
+            event_id = await create(action.desired, generation + 1)
+            return "move", desired, _outcome(desired, event_id, action.desired.mailbox)
+        assert isinstance(action, Delete)
+        existed = await self._call(
+            kind, "delete", lambda: provider.delete(action.mailbox, action.event_id)
+        )
+        return ("delete" if existed else "delete_gone"), None, _outcome(None, None, None)
+
+    async def _adopt(
+        self, item: store.Claimed, provider: Provider, kind: str, mailbox: str
+    ) -> Recorded:
+        """A create may have landed before a crash: find it by its mark, keep one."""
+        from consumer.render import Mark
+
+        mark = Mark(item.config_id, item.absence_id)
+        found = await self._call(kind, "find", lambda: provider.find(mailbox, mark))
+        ids = list(found)
+        if not ids:
+            return Recorded()
+        for extra in ids[1:]:
+            await self._call(kind, "delete", _bind(provider.delete, mailbox, extra))
+        log.info("adopted event written before a crash", config=item.config_id,
+                 absence=item.absence_id)
+        return Recorded(ids[0], mailbox, None)
+
+
+def _bind(fn: Callable[[str, str], Awaitable[T]], a: str, b: str) -> Callable[[], Awaitable[T]]:
+    return lambda: fn(a, b)
+
+
+def _outcome(
+    desired: DesiredEvent | None, event_id: str | None, mailbox: str | None
+) -> store.Outcome:
+    if desired is None:
+        return store.Outcome("deleted", wanted=False)
+    return store.Outcome("synced", True, event_id, mailbox, desired.content_hash())
+
+
+async def _first(*aws: object) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

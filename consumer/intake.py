@@ -1,0 +1,188 @@
+"""Kafka intake (SPEC sections 3 and 7): consume, validate, dead-letter, record, commit.
+
+For each batch: invalid events go to the dead-letter topic (awaited), valid
+ones are recorded in one PostgreSQL transaction, and only then are the
+offsets committed. A crash anywhere replays the batch, which the version
+check makes harmless. Only this module knows Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from consumer import logs, store
+from consumer.events import InvalidEvent, parse_event
+from consumer.metrics import Metrics
+from consumer.settings import Settings
+
+log = logs.get("intake")
+
+
+async def ensure_topics(settings: Settings, bootstrap: str) -> None:
+    """Create the topic and the dead-letter topic when missing (embedded broker, dev)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(settings.topic, settings.topic_partitions, 1),
+            NewTopic(settings.dlq_topic, 1, 1),
+        ]
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Finish the batch in flight (and its commit) before partitions move."""
+
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.intake.batch_lock:
+            log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.intake.assigned = set(assigned)
+        log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
+
+
+class Intake:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        on_recorded: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.pool = pool
+        self.metrics = metrics
+        self.on_recorded = on_recorded
+        self.batch_lock = asyncio.Lock()
+        self.assigned: set[TopicPartition] = set()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False
+        )
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.settings.batch_size,
+        )
+        self.consumer.subscribe([self.settings.topic], listener=_Rebalance(self))
+        await self.consumer.start()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set; the batch in flight is finished and committed."""
+        assert self.consumer is not None
+        while not stop.is_set():
+            fetch = asyncio.ensure_future(
+                self.consumer.getmany(timeout_ms=500, max_records=self.settings.batch_size)
+            )
+            stopped = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if fetch not in done:
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                    await fetch
+                break
+            batches = fetch.result()
+            if batches:
+                async with self.batch_lock:
+                    await self.process(batches)
+
+    async def process(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None and self.producer is not None
+        started = time.monotonic()
+        incoming: list[store.Incoming] = []
+        dead: list[Any] = []
+        for tp, records in batches.items():
+            for record in records:
+                try:
+                    event = parse_event(record.value)
+                except InvalidEvent as exc:
+                    dead.append(self._dead_letter(tp, record, exc))
+                    continue
+                incoming.append(store.Incoming(event.absence, event.data, event.time))
+        if dead:
+            await asyncio.gather(*dead)
+        async with self.pool.acquire() as conn, conn.transaction():
+            applied, stale = await store.record_absences(conn, incoming)
+        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+        await self.consumer.commit(offsets)
+        self.metrics.events.labels("applied").inc(applied)
+        self.metrics.events.labels("stale").inc(stale)
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        self._observe_lag(batches)
+        if applied:
+            self.on_recorded()
+        log.debug("batch recorded", applied=applied, stale=stale, invalid=len(dead))
+
+    async def _dead_letter(self, tp: TopicPartition, record: Any, exc: InvalidEvent) -> None:
+        assert self.producer is not None
+        headers = [
+            ("absence-sync-reason", exc.reason.encode()),
+            ("absence-sync-error", exc.detail[:500].encode("utf-8", "replace")),
+            ("absence-sync-original-topic", tp.topic.encode()),
+            ("absence-sync-original-partition", str(tp.partition).encode()),
+            ("absence-sync-original-offset", str(record.offset).encode()),
+        ]
+        await self.producer.send_and_wait(
+            self.settings.dlq_topic, value=record.value, key=record.key, headers=headers
+        )
+        self.metrics.events.labels("invalid").inc()
+        self.metrics.dead_letters.labels(exc.reason).inc()
+        log.warning(
+            "event dead-lettered",
+            reason=exc.reason,
+            detail=exc.detail[:200],
+            partition=tp.partition,
+            offset=record.offset,
+        )
+
+    def _observe_lag(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None
+        now_ms = time.time() * 1000
+        for tp, records in batches.items():
+            if not records:
+                continue
+            high = self.consumer.highwater(tp)
+            labels = (tp.topic, str(tp.partition))
+            if high is not None:
+                self.metrics.lag_records.labels(*labels).set(max(0, high - records[-1].offset - 1))
+            if records[-1].timestamp:
+                self.metrics.lag_seconds.labels(*labels).set(
+                    max(0.0, (now_ms - records[-1].timestamp) / 1000)
+                )
+
+    async def stop(self) -> None:
+        """Leave the group and close the clients."""
+        if self.consumer is not None:
+            with contextlib.suppress(KafkaError):
+                await self.consumer.stop()
+        if self.producer is not None:
+            with contextlib.suppress(KafkaError):
+                await self.producer.stop()

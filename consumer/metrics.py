@@ -1,0 +1,59 @@
+"""Prometheus metrics (SPEC section 10) as one bundle built on a given registry.
+
+Business code calls a few methods; tests build a fresh `CollectorRegistry`.
+No label carries an employee or absence id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = "absence_sync_"
+        self.events = Counter(
+            p + "events_consumed", "Events consumed, by outcome", ["outcome"], registry=r
+        )
+        self.dead_letters = Counter(
+            p + "dead_letters", "Events sent to the dead-letter topic, by reason", ["reason"],
+            registry=r,
+        )
+        self.lag_records = Gauge(
+            p + "consumer_lag_records", "Records behind the end of the partition",
+            ["topic", "partition"], registry=r,
+        )
+        self.lag_seconds = Gauge(
+            p + "consumer_lag_seconds", "Age of the last consumed record's timestamp",
+            ["topic", "partition"], registry=r,
+        )
+        self.batch_seconds = Histogram(
+            p + "intake_batch_duration_seconds", "Time to record one batch", registry=r
+        )
+        self.requests = Counter(
+            p + "calendar_requests", "Calendar operations, by provider, operation and outcome",
+            ["provider", "operation", "outcome"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            p + "calendar_request_duration_seconds", "Calendar operation duration",
+            ["provider", "operation"], registry=r,
+        )
+        self.errors = Counter(
+            p + "calendar_errors", "Calendar errors by stable code", ["provider", "code"],
+            registry=r,
+        )
+        self.backlog = Gauge(p + "backlog_items", "Pending calendar writes", registry=r)
+        self.backlog_age = Gauge(
+            p + "backlog_oldest_age_seconds", "Age of the oldest pending write", registry=r
+        )
+        self.in_flight = Gauge(
+            p + "dispatch_in_flight", "Calendar operations in flight", registry=r
+        )
+        self.end_to_end = Histogram(
+            p + "end_to_end_latency_seconds", "From event time to calendar write",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )

@@ -1,0 +1,104 @@
+"""ABSENCE_SYNC_* settings (SPEC section 13), read from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """A setting with a value that cannot be used; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ABSENCE_SYNC_", extra="ignore")
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, description="Kafka bootstrap servers; none starts the embedded broker"
+    )
+    topic: str = "absences"
+    dlq_topic: str = "absences.dlq"
+    group_id: str = "absence-sync"
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL DSN; none starts the embedded PostgreSQL"
+    )
+    http_host: str = "0.0.0.0"  # noqa: S104 - a container serves its probes on every interface
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    secret_keys: str | None = None
+    ca_bundle: Path | None = None
+    ms_client_id: str | None = None
+    ms_client_secret: str | None = None
+    ms_client_cert_file: Path | None = None
+    ms_authority_host: str = "https://login.microsoftonline.com"
+    ms_graph_url: str = "https://graph.microsoft.com/v1.0"
+    ms_consent_redirect_url: str | None = None
+    public_url: str | None = None
+
+    embedded_data_dir: Path | None = None
+    topic_partitions: int = Field(default=4, ge=1, le=1000)
+
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    tenant_concurrency: int = Field(default=8, ge=1, le=1000)
+    dispatch_concurrency: int = Field(default=64, ge=1, le=10_000)
+    dispatch_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    request_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    retry_for_seconds: float = Field(default=86_400.0, gt=0)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=900.0, gt=0)
+    shutdown_timeout_seconds: float = Field(default=20.0, gt=0, le=600)
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @field_validator("ms_authority_host", "ms_graph_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an https:// URL")
+        return value
+
+    @field_validator("secret_keys")
+    @classmethod
+    def _keys(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from cryptography.fernet import Fernet
+
+        for index, key in enumerate(k.strip() for k in value.split(",") if k.strip()):
+            try:
+                Fernet(key.encode())
+            except ValueError as exc:
+                raise ValueError(
+                    f"key #{index + 1} is not a Fernet key (32 url-safe base64 bytes)"
+                ) from exc
+        return value
+
+    @field_validator("ca_bundle", "ms_client_cert_file")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value not in ("json", "console"):
+            raise ValueError("must be 'json' or 'console'")
+        return value
+
+
+def load_settings() -> Settings:
+    """Read the environment; a bad value raises `SettingsError` naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "ABSENCE_SYNC_" + "_".join(str(p) for p in err["loc"]).upper()
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {msg} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from exc

@@ -1,0 +1,536 @@
+"""PostgreSQL: the only module that knows SQL (STYLE: one-way data flow).
+
+Tables are created by versioned plain-SQL migrations (`migrations/NNNN_*.sql`)
+applied under an advisory lock, so several replicas may start at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from consumer.config import SyncConfig
+from consumer.events import Absence, absence_from_data
+from consumer.secrets import SecretBox
+
+MIGRATION_LOCK = 0x616273656E6365  # "absence"
+
+
+async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("consumer.store") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply pending migrations; returns the names applied (empty when current)."""
+    applied: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return applied
+
+
+# --- configurations ---------------------------------------------------------
+
+
+def _render_hash(config: SyncConfig) -> str:
+    raw = json.dumps(config.render_dict(), sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConfig:
+    config: SyncConfig
+    revision: int
+    granted_tenant_id: str | None
+    updated_at: dt.datetime
+
+
+def _config_from_row(row: asyncpg.Record, box: SecretBox | None) -> StoredConfig:
+    settings = json.loads(row["settings"])
+    settings.pop("secrets", None)
+    secrets = box.decrypt(row["secrets"]) if box is not None else {}
+    if row["granted_tenant_id"] and not settings["provider_settings"].get("tenant_id"):
+        settings["provider_settings"]["tenant_id"] = row["granted_tenant_id"]
+    config = SyncConfig(**settings, secrets=secrets)
+    return StoredConfig(config, row["revision"], row["granted_tenant_id"], row["updated_at"])
+
+
+async def apply_configs(
+    pool: asyncpg.Pool, configs: Sequence[SyncConfig], box: SecretBox
+) -> dict[str, str]:
+    """Create or update configurations in one transaction.
+
+    Returns id -> "created" | "updated" | "unchanged". A configuration whose
+    rendering fields change re-renders all its absences; any change re-queues
+    its failed items (credentials may have been fixed).
+    """
+    outcome: dict[str, str] = {}
+    encrypted = {c.id: box.encrypt(c.secrets) for c in configs}
+    async with pool.acquire() as conn, conn.transaction():
+        for config in configs:
+            settings = json.dumps(config.model_dump(exclude={"secrets"}), sort_keys=True)
+            render_hash = _render_hash(config)
+            old = await conn.fetchrow(
+                "SELECT * FROM sync_configs WHERE id = $1 FOR UPDATE", config.id
+            )
+            if old is None:
+                await conn.execute(
+                    "INSERT INTO sync_configs (id, tenant, provider, settings, secrets,"
+                    " render_hash) VALUES ($1, $2, $3, $4::jsonb, $5, $6)",
+                    config.id, config.tenant, config.provider, settings,
+                    encrypted[config.id], render_hash,
+                )
+                await _backfill_items(conn, config.id, config.tenant)
+                outcome[config.id] = "created"
+                continue
+            same_settings = json.loads(old["settings"]) == json.loads(settings)
+            same_secrets = box.decrypt(old["secrets"]) == config.secrets if box.enabled else (
+                old["secrets"] is None and not config.secrets
+            )
+            if same_settings and same_secrets:
+                outcome[config.id] = "unchanged"
+                continue
+            await conn.execute(
+                "UPDATE sync_configs SET tenant = $2, provider = $3, settings = $4::jsonb,"
+                " secrets = $5, render_hash = $6, revision = revision + 1, updated_at = now()"
+                " WHERE id = $1",
+                config.id, config.tenant, config.provider, settings,
+                encrypted[config.id], render_hash,
+            )
+            if old["tenant"] != config.tenant:
+                await _backfill_items(conn, config.id, config.tenant)
+            if old["render_hash"] != render_hash or old["provider"] != config.provider:
+                await requeue(conn, config.id, only_failed=False)
+            else:
+                await requeue(conn, config.id, only_failed=True)
+            outcome[config.id] = "updated"
+    return outcome
+
+
+async def _backfill_items(conn: asyncpg.Connection, config_id: str, tenant: str) -> None:
+    await conn.execute(
+        "INSERT INTO sync_items (config_id, tenant, absence_id, event_time)"
+        " SELECT $1, a.tenant, a.id, a.event_time FROM absences a WHERE a.tenant = $2"
+        " ON CONFLICT (config_id, absence_id) DO UPDATE SET"
+        " change_seq = sync_items.change_seq + 1, next_attempt_at = now(), attempts = 0",
+        config_id, tenant,
+    )
+
+
+async def requeue(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    config_id: str,
+    *,
+    only_failed: bool,
+    force: bool = False,
+    absence_ids: Sequence[str] | None = None,
+) -> int:
+    """Mark items pending again (config change, operator retry, resync)."""
+    result: str = await conn.execute(
+        "UPDATE sync_items SET change_seq = change_seq + 1, status = 'pending',"
+        " attempts = 0, next_attempt_at = now(), first_failure_at = NULL,"
+        " force = force OR $3, pending_since = now(), updated_at = now()"
+        " WHERE config_id = $1 AND ($2::boolean IS FALSE OR status = 'failed')"
+        " AND ($4::text[] IS NULL OR absence_id = ANY($4::text[]))",
+        config_id, only_failed, force, list(absence_ids) if absence_ids is not None else None,
+    )
+    return int(result.split()[-1])
+
+
+async def list_configs(pool: asyncpg.Pool, box: SecretBox | None = None) -> list[StoredConfig]:
+    rows = await pool.fetch("SELECT * FROM sync_configs ORDER BY tenant, id")
+    return [_config_from_row(r, box) for r in rows]
+
+
+async def get_config(
+    pool: asyncpg.Pool | asyncpg.Connection, config_id: str, box: SecretBox | None = None
+) -> StoredConfig | None:
+    row = await pool.fetchrow("SELECT * FROM sync_configs WHERE id = $1", config_id)
+    return _config_from_row(row, box) if row else None
+
+
+async def config_revisions(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT id, revision FROM sync_configs")
+    return {r["id"]: r["revision"] for r in rows}
+
+
+async def reencrypt(pool: asyncpg.Pool, box: SecretBox) -> int:
+    """Re-encrypt every stored secret with the first key (key rotation)."""
+    count = 0
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id, secrets FROM sync_configs WHERE secrets IS NOT NULL FOR UPDATE"
+        )
+        for row in rows:
+            await conn.execute(
+                "UPDATE sync_configs SET secrets = $2 WHERE id = $1",
+                row["id"], box.rotate(row["secrets"]),
+            )
+            count += 1
+    return count
+
+
+async def grant_consent(pool: asyncpg.Pool, state: str, tenant_id: str) -> str | None:
+    """Record an admin consent; returns the configuration id or None for an unknown state."""
+    async with pool.acquire() as conn, conn.transaction():
+        config_id: str | None = await conn.fetchval(
+            "DELETE FROM consent_states WHERE state = $1"
+            " AND created_at > now() - interval '1 day' RETURNING config_id",
+            state,
+        )
+        if config_id is None:
+            return None
+        await conn.execute(
+            "UPDATE sync_configs SET granted_tenant_id = $2, revision = revision + 1,"
+            " updated_at = now() WHERE id = $1",
+            config_id, tenant_id,
+        )
+        await requeue(conn, config_id, only_failed=True)
+    return config_id
+
+
+async def new_consent_state(pool: asyncpg.Pool, config_id: str, state: str) -> None:
+    await pool.execute(
+        "INSERT INTO consent_states (state, config_id) VALUES ($1, $2)", state, config_id
+    )
+
+
+# --- intake -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    absence: Absence
+    data: dict[str, Any]
+    event_time: dt.datetime | None
+
+
+_RECORD = """
+WITH incoming AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::boolean[], $5::text[],
+                         $6::timestamptz[], $7::date[], $8::text[])
+        AS t(tenant, id, version, deleted, data, event_time, end_date, establishment_id)
+), up AS (
+    INSERT INTO absences AS a (tenant, id, version, deleted, data, event_time, end_date,
+                               establishment_id)
+    SELECT tenant, id, version, deleted, data::jsonb, event_time, end_date, establishment_id
+    FROM incoming
+    ON CONFLICT (tenant, id) DO UPDATE SET
+        version = EXCLUDED.version, deleted = EXCLUDED.deleted, data = EXCLUDED.data,
+        event_time = EXCLUDED.event_time, received_at = now(),
+        end_date = COALESCE(EXCLUDED.end_date, a.end_date),
+        establishment_id = COALESCE(EXCLUDED.establishment_id, a.establishment_id)
+    WHERE a.version < EXCLUDED.version
+    RETURNING a.tenant, a.id, a.event_time
+), marked AS (
+    INSERT INTO sync_items AS s (config_id, tenant, absence_id, event_time)
+    SELECT c.id, up.tenant, up.id, up.event_time
+    FROM up JOIN sync_configs c ON c.tenant = up.tenant
+    ON CONFLICT (config_id, absence_id) DO UPDATE SET
+        change_seq = s.change_seq + 1, status = 'pending', attempts = 0,
+        next_attempt_at = now(), first_failure_at = NULL, event_time = EXCLUDED.event_time,
+        pending_since = CASE WHEN s.change_seq > s.done_seq THEN s.pending_since ELSE now() END,
+        updated_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM up) AS applied, (SELECT count(*) FROM marked) AS marked
+"""
+
+
+async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -> tuple[int, int]:
+    """Upsert the latest state of absences where newer, mark affected pairs pending.
+
+    Returns (applied, stale). Must run inside the caller's transaction.
+    """
+    latest: dict[tuple[str, str], Incoming] = {}
+    for item in batch:
+        key = (item.absence.tenant, item.absence.id)
+        if key not in latest or latest[key].absence.version < item.absence.version:
+            latest[key] = item
+    rows = list(latest.values())
+    if not rows:
+        return 0, len(batch)
+    record = await conn.fetchrow(
+        _RECORD,
+        [r.absence.tenant for r in rows],
+        [r.absence.id for r in rows],
+        [r.absence.version for r in rows],
+        [r.absence.deleted for r in rows],
+        [json.dumps(r.data) for r in rows],
+        [r.event_time for r in rows],
+        [r.absence.end.date if r.absence.end else None for r in rows],
+        [r.absence.employee.establishment_id if r.absence.employee else None for r in rows],
+    )
+    assert record is not None
+    applied = int(record["applied"])
+    return applied, len(batch) - applied
+
+
+async def get_absence(pool: asyncpg.Pool, tenant: str, absence_id: str) -> Absence | None:
+    row = await pool.fetchrow(
+        "SELECT * FROM absences WHERE tenant = $1 AND id = $2", tenant, absence_id
+    )
+    return _absence(row) if row else None
+
+
+def _absence(row: asyncpg.Record) -> Absence:
+    return absence_from_data(row["tenant"], row["deleted"], json.loads(row["data"]))
+
+
+# --- dispatch ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    config_id: str
+    tenant: str
+    absence_id: str
+    change_seq: int
+    force: bool
+    event_id: str | None
+    mailbox: str | None
+    applied_hash: str | None
+    generation: int
+    intent: str | None
+    attempts: int
+    first_failure_at: dt.datetime | None
+    pending_since: dt.datetime
+    event_time: dt.datetime | None
+    absence: Absence
+
+
+_DUE = (
+    "s.change_seq > s.done_seq AND s.next_attempt_at <= now()"
+    " AND (s.lease_until IS NULL OR s.lease_until < now())"
+)
+
+_CLAIM = f"""
+WITH candidates AS (
+    SELECT config_id, absence_id, next_attempt_at FROM (
+        SELECT s.config_id, s.absence_id, s.next_attempt_at,
+               row_number() OVER (PARTITION BY s.tenant ORDER BY s.next_attempt_at) AS rn
+        FROM sync_items s
+        WHERE {_DUE} AND NOT (s.tenant = ANY($2::text[]))
+    ) ranked
+    WHERE rn <= $3
+    ORDER BY next_attempt_at
+    LIMIT $1
+), locked AS (
+    SELECT s.config_id, s.absence_id FROM sync_items s
+    JOIN candidates c USING (config_id, absence_id)
+    WHERE {_DUE}
+    FOR UPDATE OF s SKIP LOCKED
+)
+UPDATE sync_items s SET lease_until = now() + make_interval(secs => $4)
+FROM locked, absences a
+WHERE s.config_id = locked.config_id AND s.absence_id = locked.absence_id
+  AND a.tenant = s.tenant AND a.id = s.absence_id
+RETURNING s.*, a.deleted AS a_deleted, a.data AS a_data
+"""
+
+
+async def claim(
+    pool: asyncpg.Pool,
+    *,
+    limit: int,
+    per_tenant: int,
+    busy_tenants: Sequence[str],
+    lease_seconds: float,
+) -> list[Claimed]:
+    """Lease due items; several replicas never lease the same item."""
+    rows = await pool.fetch(_CLAIM, limit, list(busy_tenants), per_tenant, lease_seconds)
+    return [
+        Claimed(
+            config_id=r["config_id"],
+            tenant=r["tenant"],
+            absence_id=r["absence_id"],
+            change_seq=r["change_seq"],
+            force=r["force"],
+            event_id=r["event_id"],
+            mailbox=r["mailbox"],
+            applied_hash=r["applied_hash"],
+            generation=r["generation"],
+            intent=r["intent"],
+            attempts=r["attempts"],
+            first_failure_at=r["first_failure_at"],
+            pending_since=r["pending_since"],
+            event_time=r["event_time"],
+            absence=absence_from_data(r["tenant"], r["a_deleted"], json.loads(r["a_data"])),
+        )
+        for r in rows
+    ]
+
+
+async def begin_create(pool: asyncpg.Pool, item: Claimed, mailbox: str, generation: int) -> None:
+    """Note that a create may be in flight, so a crash leads to adoption, not a double."""
+    await pool.execute(
+        "UPDATE sync_items SET intent = 'create', mailbox = $3, event_id = NULL,"
+        " generation = $4, updated_at = now() WHERE config_id = $1 AND absence_id = $2",
+        item.config_id, item.absence_id, mailbox, generation,
+    )
+
+
+async def forget_event(pool: asyncpg.Pool, item: Claimed) -> None:
+    await pool.execute(
+        "UPDATE sync_items SET event_id = NULL, mailbox = NULL, applied_hash = NULL,"
+        " intent = NULL, updated_at = now() WHERE config_id = $1 AND absence_id = $2",
+        item.config_id, item.absence_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished item now holds in its calendar."""
+
+    status: str
+    wanted: bool
+    event_id: str | None = None
+    mailbox: str | None = None
+    applied_hash: str | None = None
+
+
+async def finish(pool: asyncpg.Pool, item: Claimed, outcome: Outcome, operation: str) -> None:
+    """Record a completed item; it stays pending if it changed meanwhile."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE sync_items SET done_seq = GREATEST(done_seq, $3), status ="
+            " CASE WHEN change_seq > $3 THEN 'pending' ELSE $4 END,"
+            " force = force AND change_seq > $3, wanted = $5, event_id = $6, mailbox = $7,"
+            " applied_hash = $8, desired_hash = $8, intent = NULL, attempts = 0,"
+            " lease_until = NULL, first_failure_at = NULL, last_error_code = NULL,"
+            " last_error_message = NULL, last_error_hint = NULL, updated_at = now(),"
+            " synced_at = CASE WHEN $9 = 'noop' THEN synced_at ELSE now() END"
+            " WHERE config_id = $1 AND absence_id = $2",
+            item.config_id, item.absence_id, item.change_seq, outcome.status, outcome.wanted,
+            outcome.event_id, outcome.mailbox, outcome.applied_hash, operation,
+        )
+        if operation != "noop":
+            await _log(conn, item, operation, "ok", None, None)
+
+
+async def fail(
+    pool: asyncpg.Pool,
+    item: Claimed,
+    *,
+    code: str,
+    message: str,
+    hint: str,
+    retry_at: dt.datetime | None,
+    operation: str,
+) -> None:
+    """Record a failure: retry at `retry_at`, or give up (status failed) when None."""
+    async with pool.acquire() as conn, conn.transaction():
+        if retry_at is None:
+            await conn.execute(
+                "UPDATE sync_items SET done_seq = GREATEST(done_seq, $3), status ="
+                " CASE WHEN change_seq > $3 THEN 'pending' ELSE 'failed' END,"
+                " attempts = attempts + 1, lease_until = NULL,"
+                " last_error_code = $4, last_error_message = $5, last_error_hint = $6,"
+                " first_failure_at = COALESCE(first_failure_at, now()), updated_at = now()"
+                " WHERE config_id = $1 AND absence_id = $2",
+                item.config_id, item.absence_id, item.change_seq, code, message[:2000], hint,
+            )
+        else:
+            await conn.execute(
+                "UPDATE sync_items SET attempts = attempts + 1, lease_until = NULL,"
+                " next_attempt_at = $3, last_error_code = $4, last_error_message = $5,"
+                " last_error_hint = $6, first_failure_at = COALESCE(first_failure_at, now()),"
+                " updated_at = now() WHERE config_id = $1 AND absence_id = $2",
+                item.config_id, item.absence_id, retry_at, code, message[:2000], hint,
+            )
+        await _log(conn, item, operation, "error", code, message)
+
+
+async def release(pool: asyncpg.Pool, items: Sequence[Claimed]) -> None:
+    """Hand leased items back (graceful shutdown)."""
+    if not items:
+        return
+    await pool.execute(
+        "UPDATE sync_items SET lease_until = NULL"
+        " WHERE (config_id, absence_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        [i.config_id for i in items], [i.absence_id for i in items],
+    )
+
+
+async def _log(
+    conn: asyncpg.Connection,
+    item: Claimed,
+    operation: str,
+    outcome: str,
+    code: str | None,
+    message: str | None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        item.config_id, item.absence_id, operation, outcome, code,
+        message[:500] if message else None,
+    )
+
+
+async def trim_log(pool: asyncpg.Pool, keep_days: int = 30) -> None:
+    await pool.execute(
+        "DELETE FROM sync_log WHERE at < now() - make_interval(days => $1)", keep_days
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    pending: int
+    oldest_seconds: float
+
+
+async def backlog(pool: asyncpg.Pool) -> Backlog:
+    row = await pool.fetchrow(
+        "SELECT count(*) AS n, COALESCE(EXTRACT(EPOCH FROM now() - min(pending_since)), 0)"
+        " AS age FROM sync_items WHERE change_seq > done_seq"
+    )
+    assert row is not None
+    return Backlog(int(row["n"]), float(row["age"]))
+
+
+async def status_counts(pool: asyncpg.Pool, config_id: str | None = None) -> dict[str, int]:
+    rows = await pool.fetch(
+        "SELECT status, count(*) AS n FROM sync_items"
+        " WHERE $1::text IS NULL OR config_id = $1 GROUP BY status",
+        config_id,
+    )
+    return {r["status"]: int(r["n"]) for r in rows}

@@ -1,0 +1,105 @@
+"""HTTP: /metrics, /healthz, /readyz, and the Microsoft 365 consent redirect."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from consumer import logs, store
+from consumer.metrics import Metrics
+
+log = logs.get("web")
+
+
+@dataclass
+class WebState:
+    metrics: Metrics
+    pool: asyncpg.Pool
+    kafka_ready: Callable[[], bool] = lambda: False
+    on_change: Callable[[], None] = lambda: None
+    extra_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
+
+
+STATE = web.AppKey("state", WebState)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        backlog = await store.backlog(state.pool)
+    except (OSError, asyncpg.PostgresError):
+        pass
+    else:
+        state.metrics.backlog.set(backlog.pending)
+        state.metrics.backlog_age.set(backlog.oldest_seconds)
+    body = generate_latest(state.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    problems: list[str] = []
+    try:
+        await state.pool.fetchval("SELECT 1")
+    except (OSError, asyncpg.PostgresError) as exc:
+        problems.append(f"postgresql: {exc}")
+    if not state.kafka_ready():
+        problems.append("kafka: no partition assigned yet")
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def consent_callback(request: web.Request) -> web.Response:
+    """Admin consent redirect: `?admin_consent=True&tenant=...&state=...` or an error."""
+    state = request.app[STATE]
+    query = request.query
+    if "error" in query:
+        message = query.get("error_description") or query["error"]
+        return _page("Consent was not granted", message, status=400)
+    tenant = query.get("tenant", "").strip()
+    consent_state = query.get("state", "").strip()
+    if not tenant or not consent_state:
+        return _page("Consent failed", "The redirect lacks 'tenant' or 'state'.", status=400)
+    config_id = await store.grant_consent(state.pool, consent_state, tenant)
+    if config_id is None:
+        return _page(
+            "Consent link expired",
+            "This consent request is unknown or expired: run "
+            "'absence-sync consent-url CONFIG_ID' again.",
+            status=400,
+        )
+    state.on_change()
+    log.info("admin consent granted", config=config_id, directory=tenant)
+    return _page(
+        "Consent granted",
+        f"Directory {tenant} is now linked to configuration {config_id}; "
+        "its absences are being synchronized.",
+    )
+
+
+def _page(title: str, text: str, status: int = 200) -> web.Response:
+    body = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(text)}</p></body></html>"
+    )
+    return web.Response(text=body, content_type="text/html", status=status)
+
+
+def create_app(state: WebState) -> web.Application:
+    app = web.Application()
+    app[STATE] = state
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/consent/microsoft365/callback", consent_callback)
+    return app

@@ -1,0 +1,150 @@
+"""The worker process: intake + dispatcher + HTTP, with a bounded graceful stop.
+
+On SIGTERM (STYLE habit 6): stop taking work, finish the Kafka batch in flight
+and commit it, give calendar writes in flight `shutdown_timeout_seconds` to
+finish (the rest is cancelled and its leases handed back), leave the group,
+close pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+from aiohttp import web
+
+from consumer import logs, store
+from consumer.dispatch import Dispatcher, ProviderFactory
+from consumer.embedded import EmbeddedKafka, EmbeddedPostgres
+from consumer.intake import Intake, ensure_topics
+from consumer.metrics import Metrics
+from consumer.providers.base import ProviderContext, make_ssl_context
+from consumer.secrets import SecretBox
+from consumer.settings import Settings
+from consumer.web import WebState, create_app
+
+log = logs.get("worker")
+
+
+@dataclass
+class Endpoints:
+    bootstrap: str
+    dsn: str
+
+
+@contextlib.contextmanager
+def embedded_endpoints(settings: Settings) -> Iterator[Endpoints]:
+    """The configured Kafka and PostgreSQL, or embedded ones started for the duration."""
+    with contextlib.ExitStack() as stack:
+        bootstrap = settings.kafka_bootstrap_servers
+        if not bootstrap:
+            kafka = stack.enter_context(EmbeddedKafka.start())
+            bootstrap = kafka.bootstrap_servers
+            log.info("started embedded Kafka broker (tansu)", bootstrap=bootstrap)
+        dsn = settings.database_url
+        if not dsn:
+            data_dir = settings.embedded_data_dir / "pg" if settings.embedded_data_dir else None
+            pg = stack.enter_context(EmbeddedPostgres.start(data_dir))
+            dsn = pg.dsn
+            log.info("started embedded PostgreSQL", data_dir=str(pg.data_dir))
+        yield Endpoints(bootstrap, dsn)
+
+
+async def run_worker(
+    settings: Settings,
+    endpoints: Endpoints,
+    *,
+    stop: asyncio.Event | None = None,
+    provider_factory: ProviderFactory | None = None,
+    metrics: Metrics | None = None,
+    on_started: Callable[[int], None] | None = None,
+) -> None:
+    stop = stop or asyncio.Event()
+    metrics = metrics or Metrics()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    pool = await store.connect(endpoints.dsn, max_size=max(10, settings.dispatch_concurrency // 4))
+    try:
+        await store.migrate(pool)
+        await ensure_topics(settings, endpoints.bootstrap)
+        context = ProviderContext(settings, make_ssl_context(settings))
+        dispatcher = Dispatcher(
+            settings, pool, metrics, box=SecretBox(settings.secret_keys),
+            provider_factory=provider_factory, context=context,
+        )
+        intake = Intake(settings, endpoints.bootstrap, pool, metrics, dispatcher.notify)
+        state = WebState(
+            metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify
+        )
+        async with _serve(create_app(state), settings) as port:
+            await intake.start()
+            log.info("worker started", http_port=port, topic=settings.topic,
+                     group=settings.group_id)
+            if on_started is not None:
+                on_started(port)
+            tasks = [
+                asyncio.create_task(intake.run(stop), name="intake"),
+                asyncio.create_task(dispatcher.run(stop), name="dispatch"),
+            ]
+            stopped = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stop.set()
+            log.info("stopping")
+            await _shutdown(settings, intake, dispatcher, tasks)
+            for task in done:
+                if task is not stopped and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.close(), timeout=5)
+        log.info("stopped")
+
+
+async def _shutdown(
+    settings: Settings, intake: Intake, dispatcher: Dispatcher, tasks: list[asyncio.Task[None]]
+) -> None:
+    budget = settings.shutdown_timeout_seconds
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(budget):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await dispatcher.drain(budget)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(budget):
+            await intake.stop()
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: web.Application, settings: Settings) -> AsyncIterator[int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []
+    port = int(sockets[0].getsockname()[1]) if sockets else settings.http_port
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def migrate_only(dsn: str) -> list[str]:
+    pool = await store.connect(dsn)
+    try:
+        return await store.migrate(pool)
+    finally:
+        await pool.close()
+
+
+async def with_pool(dsn: str) -> asyncpg.Pool:
+    pool = await store.connect(dsn)
+    await store.migrate(pool)
+    return pool

@@ -1,0 +1,160 @@
+"""Intake against the real broker and database (SPEC sections 3 and 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from consumer.metrics import Metrics
+from consumer.settings import Settings
+from consumer.worker import Endpoints, run_worker
+from tests.conftest import Publisher, event, wait_until
+
+
+@contextlib.asynccontextmanager
+async def worker(settings: Settings) -> AsyncIterator[Metrics]:
+    assert settings.kafka_bootstrap_servers and settings.database_url
+    stop = asyncio.Event()
+    metrics = Metrics()
+    task = asyncio.create_task(
+        run_worker(
+            settings,
+            Endpoints(settings.kafka_bootstrap_servers, settings.database_url),
+            stop=stop,
+            metrics=metrics,
+        )
+    )
+    try:
+        yield metrics
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def versions(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT id, version FROM absences")
+    return {r["id"]: r["version"] for r in rows}
+
+
+async def read_dlq(settings: Settings, expected: int) -> list[tuple[bytes, dict[str, bytes]]]:
+    consumer = AIOKafkaConsumer(
+        settings.dlq_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    out: list[tuple[bytes, dict[str, bytes]]] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(out) < expected:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    out.extend((r.value, dict(r.headers)) for r in records)
+        extra = await consumer.getmany(timeout_ms=500)
+        for records in extra.values():
+            out.extend((r.value, dict(r.headers)) for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_invalid_events_dead_lettered_and_consumer_goes_on(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await publisher.send(event("abs-1", 1))
+    await publisher.send(b"{not json", key="abs-x")
+    bad = event("abs-2", 1, start=("2026-12-05", "am"), end=("2026-12-01", "pm"))
+    await publisher.send(bad)
+    await publisher.send(event("abs-3", 1))
+    await publisher.flush()
+    async with worker(settings) as metrics:
+        await wait_until(lambda: _has(pool, {"abs-1": 1, "abs-3": 1}))
+        dead = await read_dlq(settings, 2)
+    assert len(dead) == 2
+    reasons = sorted(h["absence-sync-reason"].decode() for _, h in dead)
+    assert reasons == ["end_before_start", "malformed_json"]
+    for _value, headers in dead:
+        assert headers["absence-sync-original-topic"].decode() == settings.topic
+        assert int(headers["absence-sync-original-offset"]) >= 0
+        assert int(headers["absence-sync-original-partition"]) >= 0
+    assert {v for v, _ in dead} == {b"{not json", json.dumps(bad).encode()}
+    assert "abs-2" not in await versions(pool)
+    assert metrics.events.labels("invalid")._value.get() == 2
+
+
+async def _has(pool: asyncpg.Pool, expected: dict[str, int]) -> bool:
+    got = await versions(pool)
+    return all(got.get(k) == v for k, v in expected.items())
+
+
+async def test_stale_versions_change_nothing(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await publisher.send(event("abs-1", 5, status="approved"))
+    await publisher.send(event("abs-1", 3, status="cancelled"))
+    await publisher.send(event("abs-1", 5, status="denied"))
+    await publisher.flush()
+    async with worker(settings) as metrics:
+        await wait_until(lambda: _consumed(metrics, 3))
+    row = await pool.fetchrow("SELECT version, data FROM absences WHERE id = 'abs-1'")
+    assert row["version"] == 5
+    assert json.loads(row["data"])["status"] == "approved"
+    assert metrics.events.labels("stale")._value.get() == 2
+
+
+async def _consumed(metrics: Metrics, n: int) -> bool:
+    total = sum(metrics.events.labels(o)._value.get() for o in ("applied", "stale", "invalid"))
+    return bool(total >= n)
+
+
+async def test_same_event_twice_changes_nothing(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await pool.execute(
+        "INSERT INTO sync_configs (id, tenant, provider, settings, render_hash)"
+        " VALUES ('c1', 'acme', 'caldav', '{}'::jsonb, 'x')"
+    )
+    doc = event("abs-1", 2)
+    await publisher.send(doc)
+    await publisher.send(doc)
+    await publisher.flush()
+    async with worker(settings.model_copy(update={"dispatch_poll_seconds": 60})) as metrics:
+        await wait_until(lambda: _consumed(metrics, 2))
+    assert await versions(pool) == {"abs-1": 2}
+    seq = await pool.fetchval("SELECT change_seq FROM sync_items WHERE absence_id = 'abs-1'")
+    assert seq == 1  # marked pending once, not twice
+    assert metrics.events.labels("applied")._value.get() == 1
+    assert metrics.events.labels("stale")._value.get() == 1
+
+
+@pytest.mark.parametrize("count", [10_000])
+async def test_many_mixed_events(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool, count: int
+) -> None:
+    expected: dict[str, int] = {}
+    invalid = 0
+    for i in range(count):
+        absence_id = f"abs-{i % 1500}"
+        version = i // 1500 + 1
+        if i % 20 == 7:
+            invalid += 1
+            await publisher.send(
+                event(absence_id, version, start=("2026-12-09", "pm"), end=("2026-12-09", "am"))
+            )
+            continue
+        expected[absence_id] = max(expected.get(absence_id, 0), version)
+        await publisher.send(event(absence_id, version))
+    await publisher.flush()
+    async with worker(settings.model_copy(update={"batch_size": 1000})) as metrics:
+        await wait_until(lambda: _consumed(metrics, count), timeout=120)
+        dead = await read_dlq(settings, invalid)
+    assert await versions(pool) == expected
+    assert len(dead) == invalid
+    assert metrics.events.labels("invalid")._value.get() == invalid
