@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import asyncpg
 import click
 
 from consumer import logs, store
@@ -22,6 +23,8 @@ from consumer.settings import Settings, SettingsError, load_settings
 from consumer.worker import Endpoints, embedded_endpoints, run_worker
 
 T = TypeVar("T")
+# a bad DSN, a missing database, refused credentials: reported, not a traceback
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -64,13 +67,18 @@ def _with_pool(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
             return asyncio.run(main(ep.dsn))
         except (OSError, SecretsError) as exc:
             _fail(str(exc), 1)
+        except _DB_ERRORS as exc:
+            _fail(f"PostgreSQL: {exc}", 1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="absence-sync")
 def main() -> None:
     """Put employees' absences from an HR system's Kafka topic into their work calendars."""
-    logs.configure(os.environ.get("ABSENCE_SYNC_LOG_LEVEL", "WARNING"), "console")
+    try:
+        logs.configure(os.environ.get("ABSENCE_SYNC_LOG_LEVEL", "WARNING"), "console")
+    except ValueError:  # an unknown level: commands that read settings report it
+        logs.configure("WARNING", "console")
 
 
 @main.command()
@@ -90,6 +98,8 @@ def migrate() -> None:
             applied = asyncio.run(run_migrate(ep.dsn))
         except OSError as exc:
             _fail(f"cannot reach PostgreSQL: {exc}", 1)
+        except _DB_ERRORS as exc:
+            _fail(f"PostgreSQL: {exc}", 1)
     if applied:
         click.echo("applied migrations: " + ", ".join(applied))
     else:
@@ -129,7 +139,8 @@ def config_list(as_json: bool) -> None:
     settings = _settings()
     stored = _with_pool(settings, lambda pool: store.list_configs(pool))
     if as_json:
-        click.echo(json.dumps([s.config.public_dict() for s in stored], indent=2, default=str))
+        docs = [{**s.config.public_dict(), "secrets": list(s.secret_names)} for s in stored]
+        click.echo(json.dumps(docs, indent=2, default=str))
         return
     if not stored:
         click.echo("no configurations")
@@ -152,6 +163,7 @@ def config_show(config_id: str) -> None:
     if stored is None:
         _fail(f"no configuration with id {config_id!r}", 1)
     data = stored.config.public_dict()
+    data["secrets"] = list(stored.secret_names)
     data["revision"] = stored.revision
     data["granted_tenant_id"] = stored.granted_tenant_id
     data["items"] = counts
@@ -183,11 +195,16 @@ def retry(config_id: str | None) -> None:
     """Retry the failed items (of one configuration, or of all)."""
     settings = _settings()
 
-    async def go(pool: Any) -> int:
+    async def go(pool: Any) -> int | None:
+        if config_id and await store.get_config(pool, config_id) is None:
+            return None
         ids = [config_id] if config_id else [s.config.id for s in await store.list_configs(pool)]
         return sum([await store.requeue(pool, i, only_failed=True) for i in ids])
 
-    click.echo(f"re-queued {_with_pool(settings, go)} failed item(s)")
+    count = _with_pool(settings, go)
+    if count is None:
+        _fail(f"no configuration with id {config_id!r}", 1)
+    click.echo(f"re-queued {count} failed item(s)")
 
 
 @main.command("consent-url")

@@ -90,7 +90,8 @@ class SyncConfig(BaseModel):
     def _check_zone(cls, value: str) -> str:
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
+            # OSError: a name such as "Europe" that is a folder of the zone database
             raise ValueError(f"unknown IANA time zone {value!r}") from exc
         return value
 
@@ -144,18 +145,23 @@ def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any
                 raise ConfigError(
                     f"{where}: field '{provider}.{key}': environment variable {value!r} is not set"
                 )
+            if not os.environ[value].strip():
+                raise ConfigError(
+                    f"{where}: field '{provider}.{key}': environment variable {value!r} is empty"
+                )
             secrets[name] = os.environ[value]
         elif key.endswith("_file") and key != "cert_file":
             name = key[: -len("_file")]
-            if name == "service_account":
-                name = "service_account"
             path = Path(str(value)).expanduser()
             try:
                 secrets[name] = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                 raise ConfigError(
-                    f"{where}: field '{provider}.{key}': cannot read {path}: {exc.strerror}"
+                    f"{where}: field '{provider}.{key}': cannot read {path}: {reason}"
                 ) from exc
+            if not secrets[name]:
+                raise ConfigError(f"{where}: field '{provider}.{key}': {path} is empty")
         elif key in _SECRET_KEYS:
             raise ConfigError(
                 f"{where}: field '{provider}.{key}': give secrets as '{key}_env' or "
@@ -167,18 +173,23 @@ def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any
         if key not in plain and key not in secrets:
             raise ConfigError(f"{where}: field '{provider}.{key}' is required")
     url = plain.get("url")
-    if url is not None and not _acceptable_url(str(url)):
+    if url is not None and not _acceptable_url(str(url), provider):
         raise ConfigError(
-            f"{where}: field '{provider}.url': must be an https:// URL "
-            "(plain http only on localhost)"
+            f"{where}: field '{provider}.url': must be an https:// URL"
+            + ("" if provider == "exchange" else " (plain http only on localhost)")
         )
     return plain, secrets
 
 
-def _acceptable_url(url: str) -> bool:
-    """Calendars are reached over verified TLS; plain HTTP only on this machine (demo)."""
-    if url.startswith("https://"):
+def _acceptable_url(url: str, provider: str) -> bool:
+    """Calendars are reached over verified TLS; plain HTTP only on this machine (demo).
+
+    An EWS URL must be https, wherever it points (SPEC section 6).
+    """
+    if url.startswith("https://") and len(url) > len("https://"):
         return True
+    if provider == "exchange":
+        return False
     return url.startswith(("http://localhost:", "http://127.0.0.1:", "http://localhost/"))
 
 
@@ -190,6 +201,10 @@ def parse_sync(where: str, raw: Any) -> SyncConfig:
         raise ConfigError(
             f"{where}: field 'provider': must be one of {', '.join(PROVIDERS)}, got {provider!r}"
         )
+    for key in raw:
+        # `provider_settings` and `secrets` are built from the provider block, never given
+        if not isinstance(key, str) or key in ("provider_settings", "secrets"):
+            raise ConfigError(f"{where}: field '{key}': unknown field")
     fields = {k: v for k, v in raw.items() if k not in PROVIDERS}
     others = [p for p in PROVIDERS if p in raw and p != provider]
     if others:
@@ -220,6 +235,8 @@ def load_file(path: Path) -> list[SyncConfig]:
     seen: set[str] = set()
     for index, raw in enumerate(doc["syncs"]):
         sync_id = raw.get("id") if isinstance(raw, dict) else None
+        if not isinstance(sync_id, str | int):
+            sync_id = None  # a list or mapping: reported as a bad 'id' by parse_sync
         where = f"{path}: sync {sync_id!r}" if sync_id else f"{path}: syncs[{index}]"
         if sync_id in seen:
             raise ConfigError(f"{where}: field 'id': duplicated in this file")

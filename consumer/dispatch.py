@@ -262,7 +262,8 @@ class Dispatcher:
             )
             return str(event_id)
 
-        generation = item.generation
+        # a create retried after an unknown outcome keeps its transaction id
+        generation = item.generation - 1 if item.intent == "create" else item.generation
         if isinstance(action, Noop):
             return "noop", desired, _outcome(desired, recorded.event_id, recorded.mailbox)
         if isinstance(action, Create):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import zoneinfo
 from dataclasses import dataclass
 from functools import cache
@@ -24,6 +25,13 @@ UPSERTED = "absence.upserted"
 DELETED = "absence.deleted"
 MAX_EVENT_BYTES = 1_000_000
 MAX_SPAN_DAYS = 5 * 366
+MAX_DEPTH = 100
+# Rendering needs the day after the end date and UTC conversions of local
+# midnights: the two extreme representable dates cannot be rendered.
+_FIRST_DATE = dt.date.min + dt.timedelta(days=1)
+_LAST_DATE = dt.date.max - dt.timedelta(days=1)
+# A JSON escape for NUL or a UTF-16 surrogate: PostgreSQL (jsonb, text) stores neither.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
 class InvalidEvent(Exception):
@@ -113,6 +121,8 @@ def _half(raw: dict[str, Any]) -> HalfDay:
         day = dt.date.fromisoformat(raw["date"])
     except ValueError as exc:
         raise InvalidEvent("invalid_date", f"{raw['date']!r} is not a calendar date") from exc
+    if not _FIRST_DATE <= day <= _LAST_DATE:
+        raise InvalidEvent("invalid_date", f"{raw['date']!r} is outside the supported range")
     half: Half = "am" if raw["half"] == "am" else "pm"
     return HalfDay(day, half)
 
@@ -122,7 +132,8 @@ def _zone(name: str | None) -> str | None:
         return None
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # OSError: a name such as "Europe" that is a directory of the zone database
         raise InvalidEvent("unknown_time_zone", f"unknown IANA time zone {name!r}") from exc
     return name
 
@@ -134,7 +145,9 @@ def _time(raw: object) -> dt.datetime | None:
         value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
         raise InvalidEvent("schema", f"time {raw!r} is not an RFC 3339 timestamp") from exc
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
 
 
 def absence_from_data(tenant: str, deleted: bool, data: dict[str, Any]) -> Absence:
@@ -183,8 +196,10 @@ def absence_from_data(tenant: str, deleted: bool, data: dict[str, Any]) -> Absen
 def _add_years(day: dt.date, years: int) -> dt.date:
     try:
         return day.replace(year=day.year + years)
-    except ValueError:  # 29 February
-        return day.replace(year=day.year + years, day=28)
+    except ValueError:
+        if day.year + years > dt.MAXYEAR:
+            return dt.date.max
+        return day.replace(year=day.year + years, day=28)  # 29 February
 
 
 def parse_event(raw: bytes | None) -> Event:
@@ -194,9 +209,17 @@ def parse_event(raw: bytes | None) -> Event:
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("too_large", f"the message has {len(raw)} bytes")
     try:
-        doc = json.loads(raw)
+        # JSON between systems is UTF-8 (RFC 8259); json.loads(bytes) would also take UTF-16/32.
+        text = raw.decode("utf-8-sig")
+        doc = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidEvent("malformed_json", str(exc)[:300]) from exc
+    except RecursionError as exc:
+        raise InvalidEvent("malformed_json", "the document is nested too deeply") from exc
+    if _too_deep(doc):
+        raise InvalidEvent("malformed_json", f"the document is nested deeper than {MAX_DEPTH}")
+    if _SUSPECT_ESCAPE.search(text) and _unstorable(doc):
+        raise InvalidEvent("malformed_json", "a string holds NUL or an unpaired surrogate")
     errors = sorted(validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
         first = errors[0]
@@ -211,3 +234,37 @@ def parse_event(raw: bytes | None) -> Event:
         absence=absence,
         data=doc["data"],
     )
+
+
+def _too_deep(doc: object) -> bool:
+    """Nesting deeper than MAX_DEPTH (junk that later recursive code could choke on)."""
+    stack: list[tuple[object, int]] = [(doc, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            if depth >= MAX_DEPTH:
+                return True
+            stack.extend((child, depth + 1) for child in node)
+    return False
+
+
+def _unstorable(doc: object) -> bool:
+    """A key or string value holding NUL or an unpaired surrogate."""
+    stack: list[object] = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str):
+            if "\x00" in node:
+                return True
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,12 @@ from consumer.events import Absence
 
 ShowAs = Literal["free", "tentative", "busy", "oof", "workingElsewhere"]
 MAX_SUBJECT = 255
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]"
+)
+# Other invisible format characters (soft hyphen, BOM, tag characters...) and
+# unpaired surrogates are dropped.
+_DROPPED_CATEGORIES = ("Cf", "Cs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +91,15 @@ class DesiredEvent:
         )
 
 
-def clean_label(text: str) -> str:
+def clean_label(text: str, fallback: str = "Absent") -> str:
     """Hostile-string defence: no control or bidi characters, bounded length."""
-    cleaned = " ".join(_CONTROL.sub(" ", text).split())
-    return cleaned[:MAX_SUBJECT] or "Absent"
+    cleaned = _CONTROL.sub(" ", text)
+    if not cleaned.isprintable():
+        cleaned = "".join(
+            c for c in cleaned if unicodedata.category(c) not in _DROPPED_CATEGORIES
+        )
+    cleaned = " ".join(cleaned.split())[:MAX_SUBJECT].rstrip()
+    return cleaned or fallback
 
 
 def wanted(absence: Absence, config: SyncConfig) -> bool:
@@ -108,9 +119,10 @@ def wanted(absence: Absence, config: SyncConfig) -> bool:
 def label(absence: Absence, config: SyncConfig) -> str:
     """Rule 5.2."""
     assert absence.account is not None
+    hidden = clean_label(config.hidden_label)
     if not config.hide_labels or absence.account.public_reason:
-        return clean_label(absence.account.name)
-    return clean_label(config.hidden_label)
+        return clean_label(absence.account.name, fallback=hidden)
+    return hidden
 
 
 def show_as(absence: Absence, config: SyncConfig) -> ShowAs:
@@ -158,6 +170,6 @@ def render(absence: Absence, config: SyncConfig) -> DesiredEvent | None:
         end=end,
         time_zone=zone,
         private=config.private,
-        category=clean_label(config.category) if config.category else None,
+        category=(clean_label(config.category, fallback="") or None) if config.category else None,
         mark=Mark(config.id, absence.id),
     )

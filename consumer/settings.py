@@ -52,6 +52,23 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = "json"
 
+    @field_validator("database_url")
+    @classmethod
+    def _dsn(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
     @field_validator("ms_authority_host", "ms_graph_url")
     @classmethod
     def _https(cls, value: str) -> str:
@@ -91,6 +108,9 @@ class Settings(BaseSettings):
         return value
 
 
+_SECRET_FIELDS = frozenset({"secret_keys", "ms_client_secret", "database_url"})
+
+
 def load_settings() -> Settings:
     """Read the environment; a bad value raises `SettingsError` naming the variable."""
     try:
@@ -98,7 +118,10 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = "ABSENCE_SYNC_" + "_".join(str(p) for p in err["loc"]).upper()
+            field = "_".join(str(p) for p in err["loc"])
+            name = "ABSENCE_SYNC_" + field.upper()
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{name}: {msg} (got {err.get('input')!r})")
+            # never echo a secret (keys, client secret, a DSN with its password)
+            got = "" if field in _SECRET_FIELDS else f" (got {err.get('input')!r})"
+            lines.append(f"{name}: {msg}{got}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -30,6 +31,7 @@ class MemoryCalendar:
 
     events: dict[str, dict[str, StoredEvent]] = field(default_factory=lambda: defaultdict(dict))
     calls: list[tuple[str, str]] = field(default_factory=list)
+    call_times: list[float] = field(default_factory=list)
     faults: list[ProviderError] = field(default_factory=list)
     hanging: set[str] = field(default_factory=set)
     latency: float = 0.0
@@ -57,6 +59,7 @@ class MemoryProvider(Provider):
     async def _call(self, op: str, mailbox: str) -> None:
         cal = self.calendar
         cal.calls.append((op, mailbox))
+        cal.call_times.append(time.monotonic())
         cal.in_flight[mailbox] += 1
         cal.max_in_flight[mailbox] = max(cal.max_in_flight[mailbox], cal.in_flight[mailbox])
         try:

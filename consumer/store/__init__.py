@@ -81,16 +81,21 @@ class StoredConfig:
     revision: int
     granted_tenant_id: str | None
     updated_at: dt.datetime
+    # known without any key, for listings (`config.secrets` is empty when read without a box)
+    secret_names: tuple[str, ...] = ()
 
 
 def _config_from_row(row: asyncpg.Record, box: SecretBox | None) -> StoredConfig:
     settings = json.loads(row["settings"])
-    settings.pop("secrets", None)
+    names = settings.pop("secrets", None) or []
     secrets = box.decrypt(row["secrets"]) if box is not None else {}
     if row["granted_tenant_id"] and not settings["provider_settings"].get("tenant_id"):
         settings["provider_settings"]["tenant_id"] = row["granted_tenant_id"]
     config = SyncConfig(**settings, secrets=secrets)
-    return StoredConfig(config, row["revision"], row["granted_tenant_id"], row["updated_at"])
+    return StoredConfig(
+        config, row["revision"], row["granted_tenant_id"], row["updated_at"],
+        tuple(sorted(secrets or names)),
+    )
 
 
 async def apply_configs(
@@ -106,7 +111,8 @@ async def apply_configs(
     encrypted = {c.id: box.encrypt(c.secrets) for c in configs}
     async with pool.acquire() as conn, conn.transaction():
         for config in configs:
-            settings = json.dumps(config.model_dump(exclude={"secrets"}), sort_keys=True)
+            # every field, and the names (never the values) of the secrets
+            settings = json.dumps(config.public_dict(), sort_keys=True)
             render_hash = _render_hash(config)
             old = await conn.fetchrow(
                 "SELECT * FROM sync_configs WHERE id = $1 FOR UPDATE", config.id
@@ -136,6 +142,12 @@ async def apply_configs(
                 encrypted[config.id], render_hash,
             )
             if old["tenant"] != config.tenant:
+                # the other tenant's absences are no longer this configuration's business
+                # (tenant isolation): drop their items, as deleting the configuration would
+                await conn.execute(
+                    "DELETE FROM sync_items WHERE config_id = $1 AND tenant <> $2",
+                    config.id, config.tenant,
+                )
                 await _backfill_items(conn, config.id, config.tenant)
             if old["render_hash"] != render_hash or old["provider"] != config.provider:
                 await requeue(conn, config.id, only_failed=False)
@@ -146,11 +158,14 @@ async def apply_configs(
 
 
 async def _backfill_items(conn: asyncpg.Connection, config_id: str, tenant: str) -> None:
+    """Give a (new) configuration an item per known absence of its tenant.
+
+    An existing item is already kept current by intake (`_RECORD`), so it is left alone.
+    """
     await conn.execute(
         "INSERT INTO sync_items (config_id, tenant, absence_id, event_time)"
         " SELECT $1, a.tenant, a.id, a.event_time FROM absences a WHERE a.tenant = $2"
-        " ON CONFLICT (config_id, absence_id) DO UPDATE SET"
-        " change_seq = sync_items.change_seq + 1, next_attempt_at = now(), attempts = 0",
+        " ON CONFLICT (config_id, absence_id) DO NOTHING",
         config_id, tenant,
     )
 

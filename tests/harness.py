@@ -1,0 +1,87 @@
+"""In-process worker harness: the real intake, store and dispatcher, with a
+provider factory the test chooses (the in-memory calendar by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from consumer import store
+from consumer.config import SyncConfig
+from consumer.dispatch import ProviderFactory
+from consumer.metrics import Metrics
+from consumer.providers.memory import MemoryCalendar, MemoryProvider
+from consumer.secrets import SecretBox
+from consumer.settings import Settings
+from consumer.worker import Endpoints, run_worker
+
+
+@dataclass
+class Running:
+    metrics: Metrics
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def worker(
+    settings: Settings,
+    *,
+    calendar: MemoryCalendar | None = None,
+    factory: ProviderFactory | None = None,
+) -> AsyncIterator[Running]:
+    assert settings.kafka_bootstrap_servers and settings.database_url
+    if factory is None:
+        cal = calendar if calendar is not None else MemoryCalendar()
+
+        def factory(_: store.StoredConfig) -> MemoryProvider:
+            return MemoryProvider(cal)
+
+    stop = asyncio.Event()
+    metrics = Metrics()
+    task = asyncio.create_task(
+        run_worker(
+            settings,
+            Endpoints(settings.kafka_bootstrap_servers, settings.database_url),
+            stop=stop,
+            metrics=metrics,
+            provider_factory=factory,
+        )
+    )
+    running = Running(metrics, stop, task)
+    try:
+        yield running
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+def sync_config(config_id: str = "acme-cal", tenant: str = "acme", **fields: object) -> SyncConfig:
+    return SyncConfig(
+        id=config_id,
+        tenant=tenant,
+        provider="caldav",
+        provider_settings={"url": "https://dav.example.com/{email}/calendar/"},
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def apply(pool: asyncpg.Pool, *configs: SyncConfig) -> None:
+    await store.apply_configs(pool, configs, SecretBox(None))
+
+
+async def backlog(pool: asyncpg.Pool) -> int:
+    return (await store.backlog(pool)).pending
+
+
+async def settled(pool: asyncpg.Pool, items: int = 1) -> bool:
+    """At least `items` items exist, none pending and nothing leased."""
+    row = await pool.fetchrow(
+        "SELECT count(*) AS n, count(*) FILTER (WHERE change_seq > done_seq"
+        " OR lease_until IS NOT NULL) AS busy FROM sync_items"
+    )
+    return bool(row["n"] >= items and row["busy"] == 0)

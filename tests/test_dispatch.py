@@ -1,0 +1,222 @@
+"""Dispatcher guarantees (SPEC section 7) with the real intake, broker and
+database, against the in-memory calendar."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from consumer.providers.base import PROVIDER_ERROR, THROTTLED, ProviderError
+from consumer.providers.memory import MemoryCalendar
+from consumer.settings import Settings
+from tests.conftest import Publisher, event, wait_until
+from tests.harness import apply, settled, sync_config, worker
+
+
+async def test_events_become_calendar_entries(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config())
+    await publisher.send(event("abs-1", 1, email="jane@acme.com"))
+    await publisher.send(event("abs-2", 1, email="john@acme.com", status="pending"))
+    await publisher.send(event("abs-3", 1, email="john@acme.com", status="denied"))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    async with worker(settings, calendar=calendar):
+        await wait_until(lambda: settled(pool, 3))
+    stored = {(e.event.mailbox, e.event.mark.absence_id, e.event.show_as) for e in calendar.all()}
+    assert stored == {("jane@acme.com", "abs-1", "busy"), ("john@acme.com", "abs-2", "tentative")}
+    row = await pool.fetchrow("SELECT * FROM sync_items WHERE absence_id = 'abs-1'")
+    assert row["status"] == "synced" and row["event_id"] and row["mailbox"] == "jane@acme.com"
+    assert row["applied_hash"]
+
+
+async def test_three_quick_changes_give_one_write(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config())
+    for version, status in [(1, "pending"), (2, "approved"), (3, "approved")]:
+        doc = event("abs-1", version, status=status)
+        doc["data"]["account"]["name"] = f"Leave v{version}"
+        await publisher.send(doc)
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    async with worker(settings, calendar=calendar):
+        await wait_until(lambda: settled(pool))
+    assert [op for op, _ in calendar.calls] == ["create"]
+    (only,) = calendar.all()
+    assert only.event.show_as == "busy"
+
+
+async def test_replay_writes_nothing_and_change_updates(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config())
+    doc = event("abs-1", 1)
+    await publisher.send(doc)
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    async with worker(settings, calendar=calendar):
+        await wait_until(lambda: settled(pool))
+    assert len(calendar.calls) == 1
+    # replay the same event, then a cancellation
+    await publisher.send(doc)
+    await publisher.send(event("abs-1", 2, status="cancelled"))
+    await publisher.flush()
+    async with worker(settings, calendar=calendar):
+        await wait_until(lambda: settled(pool))
+        await wait_until(lambda: _status(pool, "abs-1", "deleted"))
+    assert [op for op, _ in calendar.calls] == ["create", "delete"]
+    assert calendar.all() == []
+
+
+async def _status(pool: asyncpg.Pool, absence_id: str, status: str) -> bool:
+    got = await pool.fetchval("SELECT status FROM sync_items WHERE absence_id = $1", absence_id)
+    return bool(got == status)
+
+
+async def test_retry_after_is_honoured_then_succeeds(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config())
+    calendar = MemoryCalendar()
+    calendar.fail_next(
+        ProviderError(THROTTLED, "429", retriable=True, retry_after=1.5),
+        ProviderError(PROVIDER_ERROR, "503", retriable=True, retry_after=1.0),
+    )
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    fast = settings.model_copy(update={"retry_base_seconds": 0.01})
+    async with worker(fast, calendar=calendar):
+        await wait_until(lambda: _status(pool, "abs-1", "synced"))
+    ops = [op for op, _ in calendar.calls]
+    # after an attempt whose outcome is unknown, look for the event before creating again
+    # (the scripted faults hit whichever call comes next: create, then find)
+    assert ops == ["create", "find", "find", "create"]
+    stamps = calendar.call_times
+    assert stamps[1] - stamps[0] >= 1.5  # nothing before Retry-After elapsed
+    assert stamps[2] - stamps[1] >= 1.0
+    assert len(calendar.all()) == 1
+    row = await pool.fetchrow("SELECT attempts, last_error_code FROM sync_items")
+    assert row["attempts"] == 0 and row["last_error_code"] is None
+
+
+async def test_permanent_failure_recorded_with_code_and_hint(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config())
+    calendar = MemoryCalendar()
+    calendar.fail_next(ProviderError("mailbox_not_found", "ErrorInvalidUser", retriable=False))
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    async with worker(settings, calendar=calendar):
+        await wait_until(lambda: _status(pool, "abs-1", "failed"))
+    row = await pool.fetchrow("SELECT * FROM sync_items")
+    assert row["last_error_code"] == "mailbox_not_found"
+    assert "address" in row["last_error_hint"]
+    assert row["done_seq"] == row["change_seq"]  # not retried until asked
+    assert calendar.all() == []
+
+
+async def test_hanging_tenant_does_not_delay_another(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config("slow-cal", "slow"), sync_config("fast-cal", "fast"))
+    calendar = MemoryCalendar()
+    calendar.hanging.add("stuck@slow.com")
+    for i in range(30):
+        await publisher.send(event(f"slow-{i}", 1, tenant="slow", email="stuck@slow.com"))
+    for i in range(60):
+        await publisher.send(event(f"fast-{i}", 1, tenant="fast", email=f"u{i % 7}@fast.com"))
+    await publisher.flush()
+    limited = settings.model_copy(
+        update={"tenant_concurrency": 4, "dispatch_concurrency": 8, "request_timeout_seconds": 30}
+    )
+    async with worker(limited, calendar=calendar):
+        async def fast_done() -> bool:
+            n = await pool.fetchval(
+                "SELECT count(*) FROM sync_items WHERE tenant = 'fast' AND status = 'synced'"
+            )
+            return bool(n == 60)
+
+        await wait_until(fast_done, timeout=30)
+        assert max(calendar.in_flight.values()) <= 4  # the stuck tenant holds 4 slots only
+        assert calendar.in_flight["stuck@slow.com"] == 4
+        calendar.hanging.clear()
+        calendar.released.set()
+        await wait_until(lambda: settled(pool, 90), timeout=30)
+    assert len(calendar.all()) == 90
+    assert calendar.max_in_flight["stuck@slow.com"] <= 4
+
+
+async def test_two_replicas_share_work_without_doubles(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config())
+    for i in range(200):
+        await publisher.send(event(f"abs-{i}", 1, email=f"u{i % 10}@acme.com"))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    calendar.latency = 0.005
+    async with worker(settings, calendar=calendar), worker(settings, calendar=calendar):
+        await wait_until(lambda: settled(pool, 200), timeout=60)
+    creates = [c for c in calendar.calls if c[0] == "create"]
+    assert len(creates) == 200
+    assert len(calendar.all()) == 200
+
+
+async def test_crash_after_create_adopts_instead_of_doubling(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """A create that landed before the mapping was recorded is found by its mark."""
+    await apply(pool, sync_config())
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    calendar.hanging.add("jane.doe@acme.com")
+    short = settings.model_copy(update={"lease_seconds": 1.0, "shutdown_timeout_seconds": 0.2})
+    async with worker(short, calendar=calendar):
+        await wait_until(lambda: _intent(pool))
+    # the worker stopped with the create in flight: simulate that it landed anyway
+    from consumer.providers.memory import MemoryProvider
+    from tests.provider_contract import desired
+
+    landed = desired("jane.doe@acme.com", "abs-1")
+    landed = type(landed)(**{**_fields(landed), "mark": landed.mark.__class__("acme-cal", "abs-1")})
+    calendar.hanging.clear()
+    await MemoryProvider(calendar).create(landed, transaction_id="lost-in-crash")
+    calendar.calls.clear()
+    async with worker(short, calendar=calendar):
+        await wait_until(lambda: _status(pool, "abs-1", "synced"))
+    assert len(calendar.all()) == 1
+    assert calendar.calls[0][0] == "find"
+    assert "create" not in [op for op, _ in calendar.calls]
+
+
+def _fields(obj: object) -> dict[str, object]:
+    return {name: getattr(obj, name) for name in obj.__slots__}  # type: ignore[attr-defined]
+
+
+async def _intent(pool: asyncpg.Pool) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) FROM sync_items WHERE intent = 'create'"))
+
+
+async def test_sigterm_style_stop_hands_back_in_flight_work(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    await apply(pool, sync_config())
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    calendar.hanging.add("jane.doe@acme.com")
+    quick = settings.model_copy(update={"shutdown_timeout_seconds": 0.5})
+    started = 0.0
+    async with worker(quick, calendar=calendar) as running:
+        await wait_until(lambda: _intent(pool))
+        started = asyncio.get_running_loop().time()
+    elapsed = asyncio.get_running_loop().time() - started
+    assert running.task.done()
+    assert elapsed < 5
+    lease = await pool.fetchval("SELECT lease_until FROM sync_items")
+    assert lease is None  # handed back, another replica may take it at once
