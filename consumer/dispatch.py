@@ -96,6 +96,7 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self._providers: dict[str, tuple[int, Provider]] = {}
         self._revisions: dict[str, int] = {}
+        self._provider_lock = asyncio.Lock()
         self._configs: dict[str, store.StoredConfig] = {}
         self._tenant_load: dict[str, int] = defaultdict(int)
         self._tasks: dict[asyncio.Task[None], store.Claimed] = {}
@@ -169,6 +170,13 @@ class Dispatcher:
         self._providers.clear()
 
     async def _provider(self, config_id: str) -> tuple[store.StoredConfig, Provider] | None:
+        """The configuration and its provider, rebuilt when the configuration changes."""
+        async with self._provider_lock:
+            return await self._provider_locked(config_id)
+
+    async def _provider_locked(
+        self, config_id: str
+    ) -> tuple[store.StoredConfig, Provider] | None:
         revision = self._revisions.get(config_id)
         cached = self._providers.get(config_id)
         if cached is not None and revision in (None, cached[0]) and config_id in self._configs:

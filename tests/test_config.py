@@ -398,6 +398,8 @@ async def test_apply_created_updated_unchanged(pool: asyncpg.Pool) -> None:
     assert stored["acme-o365"].revision == 1
     assert stored["acme-dav"].config.hidden_label == "Away"
     assert stored["acme-dav"].config.secrets == {}  # no box: secrets not even decrypted
+    assert stored["acme-dav"].secret_names == ("password",)  # ...but their names are known
+    assert stored["acme-o365"].secret_names == ()
     full = await store.get_config(pool, "acme-dav", box)
     assert full is not None
     assert full.config == dav(hidden_label="Away", secrets={"password": "new-one"})

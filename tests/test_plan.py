@@ -55,6 +55,11 @@ PLAN_CASES: list[tuple[str, DesiredEvent | None, Recorded, bool, Action]] = [
     ("create-after-a-delete-left-a-hash", DESIRED, Recorded(None, None, SAME_HASH), False,
      Create(DESIRED)),
     ("create-forced", DESIRED, Recorded(), True, Create(DESIRED)),
+    # An event id without its mailbox cannot be addressed: write afresh, delete nothing.
+    ("create-when-recorded-mailbox-unknown", DESIRED, Recorded("evt-1", None, SAME_HASH), False,
+     Create(DESIRED)),
+    ("unwanted-recorded-mailbox-unknown", None, Recorded("evt-1", None, SAME_HASH), False,
+     Noop()),
     ("noop-hash-equal", DESIRED, Recorded("evt-1", MAILBOX, SAME_HASH), False, Noop()),
     ("update-hash-differs", DESIRED, Recorded("evt-1", MAILBOX, OLD_HASH), False,
      Update("evt-1", DESIRED)),

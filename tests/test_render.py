@@ -209,6 +209,8 @@ def test_denied_and_cancelled_render_nothing(status: str) -> None:
 
 def test_deleted_renders_nothing() -> None:
     assert render(make(deleted=True), config()) is None
+    # Even if a deleted absence still carried its details, deletion wins.
+    assert render(dataclasses.replace(make(), deleted=True), config()) is None
 
 
 def test_empty_establishment_list_puts_nothing_in_scope() -> None:
