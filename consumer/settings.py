@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,6 +100,16 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value} does not exist")
         return value
 
+    @model_validator(mode="after")
+    def _lease_outlives_calls(self) -> Settings:
+        # a lease must outlive the longest call, or two replicas could write one item
+        if self.lease_seconds <= 2 * self.request_timeout_seconds:
+            raise ValueError(
+                "lease_seconds must be more than twice request_timeout_seconds "
+                f"({self.lease_seconds} <= 2 x {self.request_timeout_seconds})"
+            )
+        return self
+
     @field_validator("log_format")
     @classmethod
     def _format(cls, value: str) -> str:
@@ -123,5 +133,7 @@ def load_settings() -> Settings:
             msg = err["msg"].removeprefix("Value error, ")
             # never echo a secret (keys, client secret, a DSN with its password)
             got = "" if field in _SECRET_FIELDS else f" (got {err.get('input')!r})"
+            if not field:  # a rule across settings: the message names them
+                name, got = "ABSENCE_SYNC_LEASE_SECONDS", ""
             lines.append(f"{name}: {msg}{got}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from exc

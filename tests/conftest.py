@@ -92,6 +92,7 @@ def settings(kafka: EmbeddedKafka, dsn: str) -> Settings:
         dispatch_poll_seconds=0.05,
         shutdown_timeout_seconds=5,
         lease_seconds=30,
+        request_timeout_seconds=10,
     )
 
 

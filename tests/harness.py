@@ -61,13 +61,8 @@ async def worker(
 
 
 def sync_config(config_id: str = "acme-cal", tenant: str = "acme", **fields: object) -> SyncConfig:
-    return SyncConfig(
-        id=config_id,
-        tenant=tenant,
-        provider="caldav",
-        provider_settings={"url": "https://dav.example.com/{email}/calendar/"},
-        **fields,  # type: ignore[arg-type]
-    )
+    fields.setdefault("provider_settings", {"url": "https://dav.example.com/{email}/calendar/"})
+    return SyncConfig(id=config_id, tenant=tenant, provider="caldav", **fields)  # type: ignore[arg-type]
 
 
 async def apply(pool: asyncpg.Pool, *configs: SyncConfig) -> None:
