@@ -239,6 +239,8 @@ BAD_FILES: list[tuple[str, str, str | None, str | None, str]] = [
      "time_zone", "unknown IANA time zone"),
     ("backwards morning", syncs_doc(with_(BASE, morning="12:00-09:00")), "bad-one",
      "morning", "ends before it starts"),
+    ("empty morning", syncs_doc(with_(BASE, morning="09:00-09:00")), "bad-one",
+     "morning", "ends before it starts"),
     ("impossible afternoon", syncs_doc(with_(BASE, afternoon="13:30-25:00")), "bad-one",
      "afternoon", "impossible time"),
     ("busy_as away", syncs_doc(with_(BASE, busy_as="away")), "bad-one", "busy_as", "oof"),

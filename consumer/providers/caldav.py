@@ -639,7 +639,7 @@ class CalDAVProvider(Provider):
                 retriable=False,
                 hint="Set caldav.url, e.g. https://dav.example.com/{email}/calendar/.",
             )
-        username = config.provider_settings.get("username")
+        username = config.provider_settings.get("username", config.secrets.get("username"))
         return cls(
             url,
             context,

@@ -10,12 +10,17 @@ directory (tenant). What callers may rely on:
   blocking) runs on one dedicated thread and is serialised, so a burst of
   calls fetches one token.
 * At most `MAILBOX_CONCURRENCY` (4) requests are in flight per mailbox,
-  counting every sub-request of a `$batch`: an operation takes its mailbox's
-  slot before it is queued and gives it back only when the HTTP exchange
-  that carried it is over (even if the caller was cancelled meanwhile).
-  Graph runs the sub-requests of a batch in parallel, so bounding what is
-  queued per mailbox is what bounds the mailbox; batches carry no `dependsOn`
-  chains (which would also fail every later step with 424 after one error).
+  counting every sub-request of a `$batch`, whichever provider sends them:
+  Graph limits the (one, vendor) application per mailbox, so the mailbox
+  slots and the Retry-After memory are shared by every provider of the
+  process (two configurations writing into one mailbox; a provider rebuilt
+  after a configuration change, which must still honour a Retry-After its
+  predecessor received). An operation takes its mailbox's slot before it
+  is queued and gives it back only when the HTTP exchange that carried it
+  is over (even if the caller was cancelled meanwhile). Graph runs the
+  sub-requests of a batch in parallel, so bounding what is queued per
+  mailbox is what bounds the mailbox; batches carry no `dependsOn` chains
+  (which would also fail every later step with 424 after one error).
 * Operations issued together are coalesced into `POST /$batch` requests of
   up to 20 (whatever is queued after `BATCH_WINDOW` seconds, or at once when
   20 are queued); a lone operation is sent unbatched. Every sub-response is
@@ -41,6 +46,7 @@ import re
 import ssl
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -315,7 +321,10 @@ def _graph_error(reply: GraphReply, mailbox: str | None, config_id: str) -> Prov
     if code in _ITEM_GONE_CODES:
         return EventGone(detail)
     if code in _MAILBOX_MISSING_CODES:
-        return ProviderError(MAILBOX_NOT_FOUND, detail, retriable=False, hint=_HINT_MAILBOX)
+        # the monitoring view shows the hint per absence: name the address that failed
+        hint = f"Microsoft Graph found no usable mailbox at {mailbox}. " if mailbox else ""
+        return ProviderError(MAILBOX_NOT_FOUND, detail, retriable=False,
+                             hint=hint + _HINT_MAILBOX)
     if status == 429:
         return ProviderError(THROTTLED, detail, retriable=True, retry_after=retry_after)
     if status == 401:
@@ -324,7 +333,8 @@ def _graph_error(reply: GraphReply, mailbox: str | None, config_id: str) -> Prov
             hint="Microsoft Graph rejected a fresh access token: " + _HINT_CLIENT,
         )
     if status == 403:
-        return ProviderError(ACCESS_DENIED, detail, retriable=False, hint=_HINT_ACCESS)
+        hint = f"Writing to {mailbox} was refused. " if mailbox else ""
+        return ProviderError(ACCESS_DENIED, detail, retriable=False, hint=hint + _HINT_ACCESS)
     if status in (400, 413, 422) or "TimeZone" in code:
         return ProviderError(INVALID_EVENT, detail, retriable=False)
     if status >= 500 or status in (408, 409, 412, 423):
@@ -623,6 +633,26 @@ class _Slots:
             del self.semaphores[key]
 
 
+@dataclass
+class _Limits:
+    """Graph's limits for the application, shared by the providers of one event loop."""
+
+    slots: _Slots = field(default_factory=lambda: _Slots(MAILBOX_CONCURRENCY))
+    not_before: dict[str, float] = field(default_factory=dict)  # mailbox -> loop time
+    tenant_not_before: dict[str, float] = field(default_factory=dict)  # directory -> loop time
+
+
+_LIMITS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Limits]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_limits(graph_url: str) -> _Limits:
+    """The limits for the Graph instance at `graph_url`, in the running event loop."""
+    per_loop = _LIMITS.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault(graph_url, _Limits())
+
+
 class Microsoft365Provider(Provider):
     """Calendars of one customer directory through Microsoft Graph (module docstring)."""
 
@@ -652,9 +682,8 @@ class Microsoft365Provider(Provider):
             )
         self._tokens = _Tokens(settings, tenant_id or "", config_id, self._ssl_context)
         self._http: aiohttp.ClientSession | None = None
-        self._slots = _Slots(MAILBOX_CONCURRENCY)
-        self._not_before: dict[str, float] = {}
-        self._tenant_not_before = 0.0
+        self._tenant_key = (tenant_id or "").casefold()
+        self._shared: _Limits | None = None
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._senders: set[asyncio.Task[None]] = set()
@@ -760,19 +789,26 @@ class Microsoft365Provider(Provider):
             raise ProviderError(PROVIDER_ERROR, error.message, retriable=False)
         raise error
 
+    @property
+    def _limits(self) -> _Limits:
+        if self._shared is None:
+            self._shared = _shared_limits(self.graph_url)
+        return self._shared
+
     async def _exchange(self, mailbox: str, method: str, path: str,
                         body: dict[str, Any] | None) -> GraphReply:
         key = mailbox.casefold()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        slots = self._limits.slots
         while True:
             await self._wait_until_allowed(key, deadline)
-            await self._slots.acquire(key)
+            await slots.acquire(key)
             if self._blocked_until(key) > loop.time():
-                self._slots.release(key)
+                slots.release(key)
                 continue
             item = _Pending(key, method, path, body, loop.create_future(),
-                            functools.partial(self._slots.release, key))
+                            functools.partial(slots.release, key))
             self._enqueue(item)
             try:
                 return await item.future
@@ -780,11 +816,16 @@ class Microsoft365Provider(Provider):
                 continue
 
     def _blocked_until(self, key: str) -> float:
-        until = self._not_before.get(key, 0.0)
-        if until and until <= asyncio.get_running_loop().time():
-            del self._not_before[key]
+        limits, now = self._limits, asyncio.get_running_loop().time()
+        until = limits.not_before.get(key, 0.0)
+        if until and until <= now:
+            del limits.not_before[key]
             until = 0.0
-        return max(until, self._tenant_not_before)
+        tenant_until = limits.tenant_not_before.get(self._tenant_key, 0.0)
+        if tenant_until and tenant_until <= now:
+            del limits.tenant_not_before[self._tenant_key]
+            tenant_until = 0.0
+        return max(until, tenant_until)
 
     async def _wait_until_allowed(self, key: str, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -812,10 +853,13 @@ class Microsoft365Provider(Provider):
             reply.error_code in _MAILBOX_THROTTLE_CODES
             or "mailbox" in reply.error_message.lower()
         )
+        limits = self._limits
         if envelope or (reply.status == 429 and not mailbox_specific):
-            self._tenant_not_before = max(self._tenant_not_before, until)
+            tenant = self._tenant_key
+            limits.tenant_not_before[tenant] = max(limits.tenant_not_before.get(tenant, 0.0),
+                                                   until)
         if not envelope:
-            self._not_before[key] = max(self._not_before.get(key, 0.0), until)
+            limits.not_before[key] = max(limits.not_before.get(key, 0.0), until)
 
     # --------------------------------------------------------------- batching
 

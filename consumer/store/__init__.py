@@ -110,6 +110,10 @@ async def apply_configs(
     outcome: dict[str, str] = {}
     encrypted = {c.id: box.encrypt(c.secrets) for c in configs}
     async with pool.acquire() as conn, conn.transaction():
+        # wait for intake transactions in flight, and hold new ones until we commit:
+        # an absence recorded concurrently is then either backfilled here or
+        # sees the new configuration when intake marks its items
+        await conn.execute("LOCK TABLE absences IN SHARE MODE")
         for config in configs:
             # every field, and the names (never the values) of the secrets
             settings = json.dumps(config.public_dict(), sort_keys=True)
