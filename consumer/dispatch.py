@@ -16,7 +16,7 @@ import datetime as dt
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -67,6 +67,12 @@ class RetryPolicy:
         return now + dt.timedelta(seconds=self.delay(attempts, retry_after))
 
 
+@dataclass
+class _MailboxSlot:
+    semaphore: asyncio.Semaphore
+    users: int = 0
+
+
 def transaction_id(config_id: str, absence_id: str, generation: int) -> str:
     return f"{config_id}/{absence_id}/{generation}"
 
@@ -101,6 +107,7 @@ class Dispatcher:
         self._tenant_load: dict[str, int] = defaultdict(int)
         self._tasks: dict[asyncio.Task[None], store.Claimed] = {}
         self._slots = asyncio.Semaphore(settings.dispatch_concurrency)
+        self._mailbox_slots: dict[tuple[str, str], _MailboxSlot] = {}
 
     def notify(self) -> None:
         self.wake.set()
@@ -204,7 +211,8 @@ class Dispatcher:
                 return
             stored, provider = found
             kind = stored.config.provider
-            operation, desired, outcome = await self._execute(item, stored, provider)
+            async with self._mailbox_slot(provider, item):
+                operation, desired, outcome = await self._execute(item, stored, provider)
             await store.finish(self.pool, item, outcome, operation)
             if operation != "noop" and desired is not None and item.event_time is not None:
                 age = (dt.datetime.now(dt.UTC) - item.event_time).total_seconds()
@@ -226,6 +234,27 @@ class Dispatcher:
                 "calendar write failed", code=exc.code, retriable=exc.retriable,
                 retry_after=exc.retry_after, error=exc.message[:300], **structlog_ctx,
             )
+
+    @contextlib.asynccontextmanager
+    async def _mailbox_slot(self, provider: Provider, item: store.Claimed) -> AsyncIterator[None]:
+        """The provider's per-mailbox limit, for the mailbox the item writes to."""
+        limit = provider.mailbox_concurrency
+        mailbox = item.absence.employee.target_address if item.absence.employee else item.mailbox
+        if limit is None or mailbox is None:
+            yield
+            return
+        key = (provider.kind, mailbox)
+        entry = self._mailbox_slots.get(key)
+        if entry is None:
+            entry = self._mailbox_slots[key] = _MailboxSlot(asyncio.Semaphore(limit))
+        entry.users += 1
+        try:
+            async with entry.semaphore:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:  # dropped only when idle, so memory follows activity
+                del self._mailbox_slots[key]
 
     async def _call(
         self, kind: str, operation: str, coro_fn: Callable[[], Awaitable[T]]

@@ -54,6 +54,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.intake.batch_lock:
             log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
+        for tp in revoked:  # another member reports these partitions now
+            for gauge in (self.intake.metrics.lag_records, self.intake.metrics.lag_seconds):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tp.topic, str(tp.partition))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.intake.assigned = set(assigned)

@@ -28,6 +28,7 @@ from consumer.settings import Settings
 from consumer.web import WebState, create_app
 
 log = logs.get("worker")
+LEAVE_GROUP_SECONDS = 10.0  # committing and leaving the group after the drain
 
 
 @dataclass
@@ -109,16 +110,18 @@ async def run_worker(
 async def _shutdown(
     settings: Settings, intake: Intake, dispatcher: Dispatcher, tasks: list[asyncio.Task[None]]
 ) -> None:
-    budget = settings.shutdown_timeout_seconds
+    """One budget for everything in flight: the Kafka batch and calendar calls."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.shutdown_timeout_seconds
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(budget):
+        async with asyncio.timeout_at(deadline):
             await asyncio.gather(*tasks, return_exceptions=True)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await dispatcher.drain(budget)
+    await dispatcher.drain(max(0.0, deadline - loop.time()))
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(budget):
+        async with asyncio.timeout(LEAVE_GROUP_SECONDS):
             await intake.stop()
 
 

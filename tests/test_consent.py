@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from consumer import store
@@ -38,7 +39,7 @@ def consent_url(dsn: str, config_id: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-async def client(pool: asyncpg.Pool) -> AsyncIterator[TestClient[object, object]]:
+async def client(pool: asyncpg.Pool) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     changes: list[int] = []
     app = create_app(WebState(Metrics(), pool, on_change=lambda: changes.append(1)))
     async with TestClient(TestServer(app)) as c:
@@ -63,7 +64,7 @@ async def _setup(pool: asyncpg.Pool) -> None:
 
 
 async def test_consent_flow_records_directory_and_requeues(
-    dsn: str, pool: asyncpg.Pool, client: TestClient[object, object]
+    dsn: str, pool: asyncpg.Pool, client: TestClient[web.Request, web.Application]
 ) -> None:
     await _setup(pool)
     result = consent_url(dsn, "acme-o365")
@@ -106,7 +107,7 @@ async def test_consent_flow_records_directory_and_requeues(
 
 
 async def test_consent_refused_is_reported(
-    pool: asyncpg.Pool, client: TestClient[object, object]
+    pool: asyncpg.Pool, client: TestClient[web.Request, web.Application]
 ) -> None:
     response = await client.get(
         "/consent/microsoft365/callback",

@@ -220,3 +220,23 @@ async def test_sigterm_style_stop_hands_back_in_flight_work(
     assert elapsed < 5
     lease = await pool.fetchval("SELECT lease_until FROM sync_items")
     assert lease is None  # handed back, another replica may take it at once
+
+
+async def test_provider_mailbox_limit_is_respected(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    from consumer.providers.memory import MemoryProvider
+
+    class TwoPerMailbox(MemoryProvider):
+        mailbox_concurrency = 2
+
+    await apply(pool, sync_config())
+    for i in range(40):
+        await publisher.send(event(f"abs-{i}", 1, email="busy@acme.com"))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    calendar.latency = 0.02
+    async with worker(settings, factory=lambda _: TwoPerMailbox(calendar)):
+        await wait_until(lambda: settled(pool, 40), timeout=60)
+    assert len(calendar.all()) == 40
+    assert calendar.max_in_flight["busy@acme.com"] == 2

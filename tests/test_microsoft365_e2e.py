@@ -456,8 +456,8 @@ async def test_retry_after_and_mailbox_concurrency_are_honoured(e2e: E2E) -> Non
     assert e2e.marks([box]) == {
         mark(f"a-{n:02}", config): 1 for n in range(40) for config in (CONFIG_ID, TEAM_CONFIG_ID)
     }
+    assert 2 <= e2e.graph.max_in_flight[key] <= 4
     throttles = [t for t in e2e.graph.throttles[throttles_before:] if t.mailbox == key]
-    assert len(throttles) == 5
     mine = e2e.graph.graph_requests(box)
     early = [
         (r.method, round(r.at - t.sent, 3))
@@ -465,8 +465,8 @@ async def test_retry_after_and_mailbox_concurrency_are_honoured(e2e: E2E) -> Non
     ]
     assert early == [], "requests arrived before the Retry-After elapsed"
     assert not [r for r in e2e.graph.early if r.mailbox == key]
-    assert 2 <= e2e.graph.max_in_flight[key] <= 4
     # the only 429/503s were the scripted ones: the server never refused concurrency
+    assert len(throttles) == 5
     assert sum(r.status in (429, 503) for r in mine) == 5
     rows = await e2e.items()
     assert {r["status"] for r in rows.values()} == {"synced"}

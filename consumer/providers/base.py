@@ -100,6 +100,8 @@ class Provider(ABC):
     """
 
     kind: ClassVar[str]
+    #: calendar operations the dispatcher lets run at once for one mailbox (None: no limit)
+    mailbox_concurrency: ClassVar[int | None] = None
 
     @abstractmethod
     async def create(self, event: DesiredEvent, *, transaction_id: str) -> str:

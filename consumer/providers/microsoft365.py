@@ -657,6 +657,7 @@ class Microsoft365Provider(Provider):
     """Calendars of one customer directory through Microsoft Graph (module docstring)."""
 
     kind: ClassVar[str] = "microsoft365"
+    mailbox_concurrency: ClassVar[int | None] = MAILBOX_CONCURRENCY
 
     def __init__(self, settings: Settings, tenant_id: str | None, *, config_id: str = "CONFIG_ID",
                  ssl_context: ssl.SSLContext | None = None) -> None:
