@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from consumer.config import PROVIDERS
+from consumer.providers.base import ERROR_CODES
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -57,3 +60,9 @@ class Metrics:
             p + "end_to_end_latency_seconds", "From event time to calendar write",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        # every known label set exists from the start, so rate() sees the first error
+        for outcome in ("applied", "stale", "invalid"):
+            self.events.labels(outcome)
+        for provider in PROVIDERS:
+            for code in ERROR_CODES:
+                self.errors.labels(provider, code)
