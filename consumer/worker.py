@@ -28,7 +28,7 @@ from consumer.settings import Settings
 from consumer.web import WebState, create_app
 
 log = logs.get("worker")
-LEAVE_GROUP_SECONDS = 10.0  # committing and leaving the group after the drain
+LEAVE_GROUP_RESERVE_SECONDS = 5.0  # of the shutdown budget, kept to leave the group
 
 
 @dataclass
@@ -84,15 +84,25 @@ async def run_worker(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify
         )
         async with _serve(create_app(state), settings) as port:
-            await intake.start()
+            # pending work is in PostgreSQL: write it while the group join is under way
+            tasks = [asyncio.create_task(dispatcher.run(stop), name="dispatch")]
+            joining = asyncio.create_task(intake.start(), name="intake-start")
+            await asyncio.wait([joining, asyncio.create_task(stop.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not joining.done() or joining.exception() is not None:
+                # SIGTERM during the group join, or Kafka unreachable
+                joining.cancel()
+                stop.set()
+                await asyncio.gather(joining, return_exceptions=True)
+                await _shutdown(settings, intake, dispatcher, tasks)
+                if not joining.cancelled() and joining.exception() is not None:
+                    raise joining.exception()  # type: ignore[misc]
+                return
             log.info("worker started", http_port=port, topic=settings.topic,
                      group=settings.group_id)
             if on_started is not None:
                 on_started(port)
-            tasks = [
-                asyncio.create_task(intake.run(stop), name="intake"),
-                asyncio.create_task(dispatcher.run(stop), name="dispatch"),
-            ]
+            tasks.append(asyncio.create_task(intake.run(stop), name="intake"))
             stopped = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
             stop.set()
@@ -110,18 +120,21 @@ async def run_worker(
 async def _shutdown(
     settings: Settings, intake: Intake, dispatcher: Dispatcher, tasks: list[asyncio.Task[None]]
 ) -> None:
-    """One budget for everything in flight: the Kafka batch and calendar calls."""
+    """Everything within `shutdown_timeout_seconds`: the Kafka batch and calendar
+    calls in flight first, keeping a reserve to commit and leave the group."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.shutdown_timeout_seconds
+    budget = settings.shutdown_timeout_seconds
+    deadline = loop.time() + budget
+    work_deadline = deadline - min(LEAVE_GROUP_RESERVE_SECONDS, budget / 4)
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout_at(work_deadline):
             await asyncio.gather(*tasks, return_exceptions=True)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await dispatcher.drain(max(0.0, deadline - loop.time()))
+    await dispatcher.drain(max(0.0, work_deadline - loop.time()))
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(LEAVE_GROUP_SECONDS):
+        async with asyncio.timeout_at(max(deadline, loop.time() + 0.5)):
             await intake.stop()
 
 
