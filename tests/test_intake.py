@@ -13,28 +13,14 @@ from aiokafka import AIOKafkaConsumer
 
 from consumer.metrics import Metrics
 from consumer.settings import Settings
-from consumer.worker import Endpoints, run_worker
 from tests.conftest import Publisher, event, wait_until
+from tests.harness import worker as harness_worker
 
 
 @contextlib.asynccontextmanager
 async def worker(settings: Settings) -> AsyncIterator[Metrics]:
-    assert settings.kafka_bootstrap_servers and settings.database_url
-    stop = asyncio.Event()
-    metrics = Metrics()
-    task = asyncio.create_task(
-        run_worker(
-            settings,
-            Endpoints(settings.kafka_bootstrap_servers, settings.database_url),
-            stop=stop,
-            metrics=metrics,
-        )
-    )
-    try:
-        yield metrics
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    async with harness_worker(settings) as running:
+        yield running.metrics
 
 
 async def versions(pool: asyncpg.Pool) -> dict[str, int]:

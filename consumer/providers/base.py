@@ -8,6 +8,9 @@ Each provider translates its HTTP statuses and error codes in one place.
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
+import math
 import ssl
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -47,6 +50,27 @@ DEFAULT_HINTS = {
     INVALID_EVENT: "The calendar server rejected the event's content.",
     PROVIDER_ERROR: "The calendar server failed; retried automatically if temporary.",
 }
+
+
+def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` value (delta-seconds or an HTTP date);
+    None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
 
 
 class ProviderError(Exception):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import email.utils
 import hashlib
 import re
 import ssl
@@ -49,6 +48,7 @@ from consumer.providers.base import (
     Provider,
     ProviderContext,
     ProviderError,
+    parse_retry_after,
 )
 
 if TYPE_CHECKING:
@@ -478,24 +478,6 @@ def _search_text(value: str) -> str:
 
 
 # --- errors -----------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP
-    date); None when absent or unreadable."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    now = now or dt.datetime.now(dt.UTC)
-    return max(0.0, (when - now).total_seconds())
 
 
 def _safe_url(url: str) -> str:

@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import email.utils
 import functools
 import json
-import math
 import re
 import ssl
 import time
@@ -71,6 +69,7 @@ from consumer.providers.base import (
     Provider,
     ProviderContext,
     ProviderError,
+    parse_retry_after,
 )
 
 if TYPE_CHECKING:
@@ -134,26 +133,6 @@ def graph_scope(graph_url: str) -> str:
 def graph_transaction_id(transaction_id: str) -> str:
     """Graph's `transactionId` for an engine transaction id: deterministic, 36 chars."""
     return str(uuid.uuid5(_TRANSACTION_NAMESPACE, transaction_id))
-
-
-def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After value (delta-seconds or an HTTP date)."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.UTC)
-        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 def _odata_quote(value: str) -> str:
