@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import fastjsonschema
 from jsonschema import Draft202012Validator
 
 Half = Literal["am", "pm"]
@@ -111,9 +112,59 @@ def _schema_path() -> Path:
 
 
 @cache
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(_schema_path().read_text(encoding="utf-8"))
+    return schema
+
+
+@cache
 def validator() -> Draft202012Validator:
-    schema = json.loads(_schema_path().read_text(encoding="utf-8"))
-    return Draft202012Validator(schema)
+    """The reference validator: the judge, and the source of error messages."""
+    return Draft202012Validator(_schema())
+
+
+def _as_draft7(node: Any) -> Any:
+    """The 2020-12 schema in the draft-07 dialect fastjsonschema compiles:
+    `$defs` become `definitions`, and a `$ref` with siblings (which draft-07
+    would ignore) becomes an `allOf`."""
+    if isinstance(node, list):
+        return [_as_draft7(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _as_draft7(v) for k, v in node.items() if k not in ("$defs", "$schema")}
+    if "$defs" in node:
+        out["definitions"] = {k: _as_draft7(v) for k, v in node["$defs"].items()}
+    if "$ref" in out:
+        ref = out.pop("$ref").replace("#/$defs/", "#/definitions/")
+        definitions = out.pop("definitions", None)
+        out = {"allOf": [{"$ref": ref}, out]} if out else {"$ref": ref}
+        if definitions is not None:
+            out["definitions"] = definitions
+    return out
+
+
+@cache
+def _fast_check() -> Any:
+    """A compiled check, some 50 times faster than `validator()`, for the hot path."""
+    schema = _as_draft7(_schema())
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    return fastjsonschema.compile(schema)
+
+
+def _schema_error(doc: Any) -> str | None:
+    try:
+        _fast_check()(doc)
+    except fastjsonschema.JsonSchemaException:
+        pass
+    else:
+        return None
+    # the slow, reference validator judges and explains what the fast one refused
+    errors = sorted(validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    first = errors[0]
+    where = "/".join(str(p) for p in first.absolute_path) or "(root)"
+    return f"{where}: {first.message[:300]}"
 
 
 def _half(raw: dict[str, Any]) -> HalfDay:
@@ -220,11 +271,9 @@ def parse_event(raw: bytes | None) -> Event:
         raise InvalidEvent("malformed_json", f"the document is nested deeper than {MAX_DEPTH}")
     if _SUSPECT_ESCAPE.search(text) and _unstorable(doc):
         raise InvalidEvent("malformed_json", "a string holds NUL or an unpaired surrogate")
-    errors = sorted(validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(root)"
-        raise InvalidEvent("schema", f"{where}: {first.message[:300]}")
+    error = _schema_error(doc)
+    if error is not None:
+        raise InvalidEvent("schema", error)
     deleted = doc["type"] == DELETED
     absence = absence_from_data(doc["tenant"], deleted, doc["data"])
     return Event(
