@@ -154,7 +154,9 @@ class Dispatcher:
         self.metrics.in_flight.set(len(self._tasks))
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatch task crashed", exc_info=task.exception())
-        self.wake.set()
+        # claim in batches: wake the loop once a quarter of the slots are free
+        if len(self._tasks) <= self.settings.dispatch_concurrency * 3 // 4:
+            self.wake.set()
 
     @property
     def in_flight(self) -> int:

@@ -362,12 +362,19 @@ _DUE = (
 )
 
 _CLAIM = f"""
-WITH candidates AS (
+WITH oldest AS (
+    -- bounded scan in due order (index sync_items_due); tenants at their limit
+    -- are skipped, so another tenant's backlog never hides this one's work
+    SELECT s.config_id, s.absence_id, s.tenant, s.next_attempt_at
+    FROM sync_items s
+    WHERE {_DUE} AND NOT (s.tenant = ANY($2::text[]))
+    ORDER BY s.next_attempt_at
+    LIMIT $1 * 8
+), candidates AS (
     SELECT config_id, absence_id, next_attempt_at FROM (
-        SELECT s.config_id, s.absence_id, s.next_attempt_at,
-               row_number() OVER (PARTITION BY s.tenant ORDER BY s.next_attempt_at) AS rn
-        FROM sync_items s
-        WHERE {_DUE} AND NOT (s.tenant = ANY($2::text[]))
+        SELECT o.config_id, o.absence_id, o.next_attempt_at,
+               row_number() OVER (PARTITION BY o.tenant ORDER BY o.next_attempt_at) AS rn
+        FROM oldest o
     ) ranked
     WHERE rn <= $3
     ORDER BY next_attempt_at
@@ -446,23 +453,31 @@ class Outcome:
     applied_hash: str | None = None
 
 
+_FINISH = """
+WITH done AS (
+    UPDATE sync_items SET done_seq = GREATEST(done_seq, $3), status =
+        CASE WHEN change_seq > $3 THEN 'pending' ELSE $4 END,
+        force = force AND change_seq > $3, wanted = $5, event_id = $6, mailbox = $7,
+        applied_hash = $8, desired_hash = $8, intent = NULL, attempts = 0,
+        lease_until = NULL, first_failure_at = NULL, last_error_code = NULL,
+        last_error_message = NULL, last_error_hint = NULL, updated_at = now(),
+        synced_at = CASE WHEN $9 = 'noop' THEN synced_at ELSE now() END
+    WHERE config_id = $1 AND absence_id = $2
+    RETURNING config_id, absence_id
+)
+INSERT INTO sync_log (config_id, absence_id, operation, outcome)
+SELECT config_id, absence_id, $9, 'ok' FROM done WHERE $9 <> 'noop'
+"""
+
+
 async def finish(pool: asyncpg.Pool, item: Claimed, outcome: Outcome, operation: str) -> None:
-    """Record a completed item; it stays pending if it changed meanwhile."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "UPDATE sync_items SET done_seq = GREATEST(done_seq, $3), status ="
-            " CASE WHEN change_seq > $3 THEN 'pending' ELSE $4 END,"
-            " force = force AND change_seq > $3, wanted = $5, event_id = $6, mailbox = $7,"
-            " applied_hash = $8, desired_hash = $8, intent = NULL, attempts = 0,"
-            " lease_until = NULL, first_failure_at = NULL, last_error_code = NULL,"
-            " last_error_message = NULL, last_error_hint = NULL, updated_at = now(),"
-            " synced_at = CASE WHEN $9 = 'noop' THEN synced_at ELSE now() END"
-            " WHERE config_id = $1 AND absence_id = $2",
-            item.config_id, item.absence_id, item.change_seq, outcome.status, outcome.wanted,
-            outcome.event_id, outcome.mailbox, outcome.applied_hash, operation,
-        )
-        if operation != "noop":
-            await _log(conn, item, operation, "ok", None, None)
+    """Record a completed item (one atomic statement); it stays pending if it
+    changed meanwhile."""
+    await pool.execute(
+        _FINISH,
+        item.config_id, item.absence_id, item.change_seq, outcome.status, outcome.wanted,
+        outcome.event_id, outcome.mailbox, outcome.applied_hash, operation,
+    )
 
 
 async def fail(
