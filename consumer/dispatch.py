@@ -23,6 +23,7 @@ from typing import TypeVar
 import asyncpg
 
 from consumer import logs, store
+from consumer.coalesce import Coalescer
 from consumer.metrics import Metrics
 from consumer.plan import Create, Delete, Move, Noop, Recorded, Update, plan
 from consumer.providers import build_provider
@@ -108,6 +109,12 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task[None], store.Claimed] = {}
         self._slots = asyncio.Semaphore(settings.dispatch_concurrency)
         self._mailbox_slots: dict[tuple[str, str], _MailboxSlot] = {}
+        self._intents: Coalescer[tuple[store.Claimed, str, int]] = Coalescer(
+            lambda rows: store.begin_creates(pool, rows)
+        )
+        self._finished: Coalescer[tuple[store.Claimed, store.Outcome, str]] = Coalescer(
+            lambda rows: store.finish_many(pool, rows)
+        )
 
     def notify(self) -> None:
         self.wake.set()
@@ -215,7 +222,7 @@ class Dispatcher:
             kind = stored.config.provider
             async with self._mailbox_slot(provider, item):
                 operation, desired, outcome = await self._execute(item, stored, provider)
-            await store.finish(self.pool, item, outcome, operation)
+            await self._finished.submit((item, outcome, operation))
             if operation != "noop" and desired is not None and item.event_time is not None:
                 age = (dt.datetime.now(dt.UTC) - item.event_time).total_seconds()
                 self.metrics.end_to_end.observe(max(0.0, age))
@@ -294,7 +301,7 @@ class Dispatcher:
         action = plan(desired, recorded, force=item.force)
 
         async def create(target: DesiredEvent, generation: int) -> str:
-            await store.begin_create(self.pool, item, target.mailbox, generation)
+            await self._intents.submit((item, target.mailbox, generation))
             tx = transaction_id(item.config_id, item.absence_id, generation)
             event_id = await self._call(
                 kind, "create", lambda: provider.create(target, transaction_id=tx)

@@ -425,12 +425,17 @@ async def claim(
     ]
 
 
-async def begin_create(pool: asyncpg.Pool, item: Claimed, mailbox: str, generation: int) -> None:
-    """Note that a create may be in flight, so a crash leads to adoption, not a double."""
+async def begin_creates(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, str, int]]) -> None:
+    """Note, for (item, mailbox, generation) rows, that a create may be in flight,
+    so a crash leads to adoption, not a double. One statement for all rows."""
     await pool.execute(
-        "UPDATE sync_items SET intent = 'create', mailbox = $3, event_id = NULL,"
-        " generation = $4, updated_at = now() WHERE config_id = $1 AND absence_id = $2",
-        item.config_id, item.absence_id, mailbox, generation,
+        "UPDATE sync_items s SET intent = 'create', mailbox = i.mailbox, event_id = NULL,"
+        " generation = i.generation, updated_at = now()"
+        " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])"
+        " AS i(config_id, absence_id, mailbox, generation)"
+        " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id",
+        [r[0].config_id for r in rows], [r[0].absence_id for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows],
     )
 
 
@@ -454,29 +459,37 @@ class Outcome:
 
 
 _FINISH = """
-WITH done AS (
-    UPDATE sync_items SET done_seq = GREATEST(done_seq, $3), status =
-        CASE WHEN change_seq > $3 THEN 'pending' ELSE $4 END,
-        force = force AND change_seq > $3, wanted = $5, event_id = $6, mailbox = $7,
-        applied_hash = $8, desired_hash = $8, intent = NULL, attempts = 0,
-        lease_until = NULL, first_failure_at = NULL, last_error_code = NULL,
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::boolean[],
+                         $6::text[], $7::text[], $8::text[], $9::text[])
+        AS t(config_id, absence_id, seq, status, wanted, event_id, mailbox, hash, op)
+), done AS (
+    UPDATE sync_items s SET done_seq = GREATEST(s.done_seq, i.seq), status =
+        CASE WHEN s.change_seq > i.seq THEN 'pending' ELSE i.status END,
+        force = s.force AND s.change_seq > i.seq, wanted = i.wanted, event_id = i.event_id,
+        mailbox = i.mailbox, applied_hash = i.hash, desired_hash = i.hash, intent = NULL,
+        attempts = 0, lease_until = NULL, first_failure_at = NULL, last_error_code = NULL,
         last_error_message = NULL, last_error_hint = NULL, updated_at = now(),
-        synced_at = CASE WHEN $9 = 'noop' THEN synced_at ELSE now() END
-    WHERE config_id = $1 AND absence_id = $2
-    RETURNING config_id, absence_id
+        synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
+    FROM input i
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
+    RETURNING s.config_id, s.absence_id, i.op
 )
 INSERT INTO sync_log (config_id, absence_id, operation, outcome)
-SELECT config_id, absence_id, $9, 'ok' FROM done WHERE $9 <> 'noop'
+SELECT config_id, absence_id, op, 'ok' FROM done WHERE op <> 'noop'
 """
 
 
-async def finish(pool: asyncpg.Pool, item: Claimed, outcome: Outcome, operation: str) -> None:
-    """Record a completed item (one atomic statement); it stays pending if it
-    changed meanwhile."""
+async def finish_many(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, Outcome, str]]) -> None:
+    """Record completed (item, outcome, operation) rows in one atomic statement;
+    an item that changed meanwhile stays pending."""
     await pool.execute(
         _FINISH,
-        item.config_id, item.absence_id, item.change_seq, outcome.status, outcome.wanted,
-        outcome.event_id, outcome.mailbox, outcome.applied_hash, operation,
+        [r[0].config_id for r in rows], [r[0].absence_id for r in rows],
+        [r[0].change_seq for r in rows], [r[1].status for r in rows],
+        [r[1].wanted for r in rows], [r[1].event_id for r in rows],
+        [r[1].mailbox for r in rows], [r[1].applied_hash for r in rows],
+        [r[2] for r in rows],
     )
 
 
