@@ -103,6 +103,7 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self._providers: dict[str, tuple[int, Provider]] = {}
         self._revisions: dict[str, int] = {}
+        self._last_claim = 0.0
         self._provider_lock = asyncio.Lock()
         self._configs: dict[str, store.StoredConfig] = {}
         self._tenant_load: dict[str, int] = defaultdict(int)
@@ -133,9 +134,15 @@ class Dispatcher:
     async def tick(self) -> int:
         """Lease what is due and start a task per item; returns how many started."""
         free = self.settings.dispatch_concurrency - len(self._tasks)
-        if free <= 0:
-            await asyncio.sleep(0.01)
+        now = time.monotonic()
+        # claim in batches (`_done` wakes the loop once a quarter of the slots are
+        # free), but at least once per poll interval whatever is free, so slow
+        # calls holding most slots never starve the rest
+        batch_ready = free >= self.settings.dispatch_concurrency // 4 or not self._tasks
+        overdue = now - self._last_claim >= self.settings.dispatch_poll_seconds
+        if free <= 0 or not (batch_ready or overdue):
             return 0
+        self._last_claim = now
         busy = [t for t, n in self._tenant_load.items() if n >= self.settings.tenant_concurrency]
         self._revisions = await store.config_revisions(self.pool)
         items = await store.claim(

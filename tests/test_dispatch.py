@@ -240,3 +240,37 @@ async def test_provider_mailbox_limit_is_respected(
         await wait_until(lambda: settled(pool, 40), timeout=60)
     assert len(calendar.all()) == 40
     assert calendar.max_in_flight["busy@acme.com"] == 2
+
+
+async def test_slots_held_by_hung_calls_do_not_starve_the_rest(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """Seven of eight slots hang: the last one still serves the healthy tenant."""
+    slow = [sync_config(f"slow-{n}", f"slow{n}") for n in range(7)]
+    await apply(pool, *slow, sync_config("fast-cal", "fast"))
+    calendar = MemoryCalendar()
+    for n in range(7):
+        calendar.hanging.add(f"stuck@slow{n}.com")
+        await publisher.send(event(f"s-{n}", 1, tenant=f"slow{n}", email=f"stuck@slow{n}.com"))
+    await publisher.flush()
+    tight = settings.model_copy(
+        update={"tenant_concurrency": 1, "dispatch_concurrency": 8, "request_timeout_seconds": 60}
+    )
+    async with worker(tight, calendar=calendar):
+        async def all_hung() -> bool:
+            return sum(calendar.in_flight.values()) == 7
+
+        await wait_until(all_hung)
+        for i in range(20):
+            await publisher.send(event(f"fast-{i}", 1, tenant="fast", email="u@fast.com"))
+        await publisher.flush()
+
+        async def fast_done() -> bool:
+            n = await pool.fetchval(
+                "SELECT count(*) FROM sync_items WHERE tenant = 'fast' AND status = 'synced'"
+            )
+            return bool(n == 20)
+
+        await wait_until(fast_done, timeout=30)
+        calendar.hanging.clear()
+        calendar.released.set()
