@@ -226,9 +226,8 @@ class Dispatcher:
             if found is None:
                 return
             stored, provider = found
-            kind = stored.config.provider
-            async with self._mailbox_slot(provider, item):
-                operation, desired, outcome = await self._execute(item, stored, provider)
+            kind = provider.kind
+            operation, desired, outcome = await self._execute(item, stored, provider)
             await self._finished.submit((item, outcome, operation))
             if operation != "noop" and desired is not None and item.event_time is not None:
                 age = (dt.datetime.now(dt.UTC) - item.event_time).total_seconds()
@@ -252,11 +251,10 @@ class Dispatcher:
             )
 
     @contextlib.asynccontextmanager
-    async def _mailbox_slot(self, provider: Provider, item: store.Claimed) -> AsyncIterator[None]:
-        """The provider's per-mailbox limit, for the mailbox the item writes to."""
+    async def _mailbox_slot(self, provider: Provider, mailbox: str) -> AsyncIterator[None]:
+        """The provider's per-mailbox limit, held only for the call itself."""
         limit = provider.mailbox_concurrency
-        mailbox = item.absence.employee.target_address if item.absence.employee else item.mailbox
-        if limit is None or mailbox is None:
+        if limit is None:
             yield
             return
         key = (provider.kind, mailbox)
@@ -273,12 +271,21 @@ class Dispatcher:
                 del self._mailbox_slots[key]
 
     async def _call(
-        self, kind: str, operation: str, coro_fn: Callable[[], Awaitable[T]]
+        self,
+        provider: Provider,
+        mailbox: str,
+        operation: str,
+        coro_fn: Callable[[], Awaitable[T]],
     ) -> T:
+        kind = provider.kind
         started = time.monotonic()
         outcome = "error"
         try:
-            async with self._slots, asyncio.timeout(self.settings.request_timeout_seconds * 2):
+            async with (
+                self._mailbox_slot(provider, mailbox),
+                self._slots,
+                asyncio.timeout(self.settings.request_timeout_seconds * 2),
+            ):
                 result = await coro_fn()
             outcome = "ok"
             return result
@@ -300,18 +307,18 @@ class Dispatcher:
         self, item: store.Claimed, stored: store.StoredConfig, provider: Provider
     ) -> tuple[str, DesiredEvent | None, store.Outcome]:
         config = stored.config
-        kind = config.provider
         desired = render(item.absence, config)
         recorded = Recorded(item.event_id, item.mailbox, item.applied_hash)
         if item.intent == "create" and item.event_id is None and item.mailbox:
-            recorded = await self._adopt(item, provider, kind, item.mailbox)
+            recorded = await self._adopt(item, provider, item.mailbox)
         action = plan(desired, recorded, force=item.force)
 
         async def create(target: DesiredEvent, generation: int) -> str:
             await self._intents.submit((item, target.mailbox, generation))
             tx = transaction_id(item.config_id, item.absence_id, generation)
             event_id = await self._call(
-                kind, "create", lambda: provider.create(target, transaction_id=tx)
+                provider, target.mailbox, "create",
+                lambda: provider.create(target, transaction_id=tx),
             )
             return str(event_id)
 
@@ -326,7 +333,8 @@ class Dispatcher:
             try:
                 target = action.desired
                 event_id = await self._call(
-                    kind, "update", lambda: provider.update(target.mailbox, action.event_id, target)
+                    provider, target.mailbox, "update",
+                    lambda: provider.update(target.mailbox, action.event_id, target),
                 )
             except EventGone:
                 event_id = await create(action.desired, generation + 1)
@@ -334,7 +342,7 @@ class Dispatcher:
             return "update", desired, _outcome(desired, event_id, action.desired.mailbox)
         if isinstance(action, Move):
             await self._call(
-                kind, "delete",
+                provider, action.old_mailbox, "delete",
                 lambda: provider.delete(action.old_mailbox, action.old_event_id),
             )
             await store.forget_event(self.pool, item)
@@ -342,23 +350,24 @@ class Dispatcher:
             return "move", desired, _outcome(desired, event_id, action.desired.mailbox)
         assert isinstance(action, Delete)
         existed = await self._call(
-            kind, "delete", lambda: provider.delete(action.mailbox, action.event_id)
+            provider, action.mailbox, "delete",
+            lambda: provider.delete(action.mailbox, action.event_id),
         )
         return ("delete" if existed else "delete_gone"), None, _outcome(None, None, None)
 
     async def _adopt(
-        self, item: store.Claimed, provider: Provider, kind: str, mailbox: str
+        self, item: store.Claimed, provider: Provider, mailbox: str
     ) -> Recorded:
         """A create may have landed before a crash: find it by its mark, keep one."""
         from consumer.render import Mark
 
         mark = Mark(item.config_id, item.absence_id)
-        found = await self._call(kind, "find", lambda: provider.find(mailbox, mark))
+        found = await self._call(provider, mailbox, "find", lambda: provider.find(mailbox, mark))
         ids = list(found)
         if not ids:
             return Recorded()
         for extra in ids[1:]:
-            await self._call(kind, "delete", _bind(provider.delete, mailbox, extra))
+            await self._call(provider, mailbox, "delete", _bind(provider.delete, mailbox, extra))
         log.info("adopted event written before a crash", config=item.config_id,
                  absence=item.absence_id)
         return Recorded(ids[0], mailbox, None)

@@ -94,6 +94,12 @@ class Intake:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.batch_size,
+            # memory follows these settings, not the backlog
+            fetch_max_bytes=self.settings.fetch_max_bytes,
+            max_partition_fetch_bytes=min(
+                self.settings.fetch_max_bytes, self.settings.max_partition_fetch_bytes
+            ),
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
         self.consumer.subscribe([self.settings.topic], listener=_Rebalance(self))
         await self.consumer.start()
