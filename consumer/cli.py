@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import secrets as pysecrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -235,10 +236,17 @@ def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
     click.echo(consent_url(settings, config_id, state, redirect))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @main.command()
 @click.option("--http-port", type=int, help="overrides ABSENCE_SYNC_HTTP_PORT")
 def run(http_port: int | None) -> None:
     """The worker: consume, record, dispatch, serve HTTP."""
+    # until the worker's own graceful handler is installed, SIGTERM stops start-up
+    # cleanly (nothing is in flight yet) like Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
     settings = _settings()
     if http_port is not None:
         settings = settings.model_copy(update={"http_port": http_port})

@@ -83,13 +83,21 @@ async def test_sigterm_drains_and_exits_cleanly(
     assert code == 0
     assert loop.time() - started < settings.shutdown_timeout_seconds * 3
     # what was recorded was committed: a fresh worker finishes the rest
-    worker = WorkerProcess(settings, tmp_path / "w.log")
+    worker = WorkerProcess(settings, tmp_path / "w2.log")
     try:
         await wait_until(lambda: _matches(pool, {f"abs-{i}": 1 for i in range(200)}), 60)
+        await wait_until(_started(worker), 60)
     finally:
         assert worker.terminate() == 0
-    log = (tmp_path / "w.log").read_text()
-    assert "Traceback" not in log
+    for name in ("w.log", "w2.log"):
+        assert "Traceback" not in (tmp_path / name).read_text()
+
+
+def _started(worker: WorkerProcess) -> Any:
+    async def check() -> bool:
+        return worker.started()
+
+    return check
 
 
 @pytest.fixture

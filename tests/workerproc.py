@@ -36,5 +36,9 @@ class WorkerProcess:
         self._file.close()
         return code
 
+    def started(self) -> bool:
+        """The worker logged that it is consuming (its graceful SIGTERM is in place)."""
+        return "worker started" in self.log.read_text(errors="replace")
+
     def alive(self) -> bool:
         return self.proc.poll() is None
