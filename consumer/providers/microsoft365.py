@@ -85,7 +85,7 @@ MARK_PROPERTY_ID = f"String {{{MARK_PROPERTY_SET}}} Name absenceSyncMark"
 _TRANSACTION_NAMESPACE = uuid.UUID("92d5ba32-7ec5-4a51-908a-a287057890ca")
 _TOKEN_MARGIN = 300.0
 _FAILURE_MEMORY = 10.0
-_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,253}$")
+_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,253}$")
 _AADSTS = re.compile(r"AADSTS(\d+)")
 
 _MAILBOX_MISSING_CODES = frozenset({
