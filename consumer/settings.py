@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(default=4, ge=1, le=1000)
 
     batch_size: int = Field(default=500, ge=1, le=100_000)
-    fetch_max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    fetch_max_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
     tenant_concurrency: int = Field(default=8, ge=1, le=1000)
