@@ -172,10 +172,6 @@ class Dispatcher:
         if len(self._tasks) <= self.settings.dispatch_concurrency * 3 // 4:
             self.wake.set()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     async def drain(self, grace: float) -> None:
         """Wait up to `grace` seconds for work in flight, then cancel it and hand it back."""
         if self._tasks:

@@ -14,7 +14,6 @@ import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-import asyncpg
 from aiohttp import web
 
 from consumer import logs, store
@@ -150,17 +149,3 @@ async def _serve(app: web.Application, settings: Settings) -> AsyncIterator[int]
         yield port
     finally:
         await runner.cleanup()
-
-
-async def migrate_only(dsn: str) -> list[str]:
-    pool = await store.connect(dsn)
-    try:
-        return await store.migrate(pool)
-    finally:
-        await pool.close()
-
-
-async def with_pool(dsn: str) -> asyncpg.Pool:
-    pool = await store.connect(dsn)
-    await store.migrate(pool)
-    return pool

@@ -8,10 +8,12 @@ import asyncio
 import asyncpg
 
 from consumer.providers.base import PROVIDER_ERROR, THROTTLED, ProviderError
-from consumer.providers.memory import MemoryCalendar
+from consumer.providers.memory import MemoryCalendar, MemoryProvider
+from consumer.render import Mark
 from consumer.settings import Settings
 from tests.conftest import Publisher, event, wait_until
 from tests.harness import apply, settled, sync_config, worker
+from tests.provider_contract import desired
 
 
 async def test_events_become_calendar_entries(
@@ -179,11 +181,7 @@ async def test_crash_after_create_adopts_instead_of_doubling(
     async with worker(short, calendar=calendar):
         await wait_until(lambda: _intent(pool))
     # the worker stopped with the create in flight: simulate that it landed anyway
-    from consumer.providers.memory import MemoryProvider
-    from tests.provider_contract import desired
-
-    landed = desired("jane.doe@acme.com", "abs-1")
-    landed = type(landed)(**{**_fields(landed), "mark": landed.mark.__class__("acme-cal", "abs-1")})
+    landed = desired("jane.doe@acme.com", "abs-1", mark=Mark("acme-cal", "abs-1"))
     calendar.hanging.clear()
     await MemoryProvider(calendar).create(landed, transaction_id="lost-in-crash")
     calendar.calls.clear()
@@ -192,10 +190,6 @@ async def test_crash_after_create_adopts_instead_of_doubling(
     assert len(calendar.all()) == 1
     assert calendar.calls[0][0] == "find"
     assert "create" not in [op for op, _ in calendar.calls]
-
-
-def _fields(obj: object) -> dict[str, object]:
-    return {name: getattr(obj, name) for name in obj.__slots__}  # type: ignore[attr-defined]
 
 
 async def _intent(pool: asyncpg.Pool) -> bool:
@@ -225,8 +219,6 @@ async def test_sigterm_style_stop_hands_back_in_flight_work(
 async def test_provider_mailbox_limit_is_respected(
     settings: Settings, publisher: Publisher, pool: asyncpg.Pool
 ) -> None:
-    from consumer.providers.memory import MemoryProvider
-
     class TwoPerMailbox(MemoryProvider):
         mailbox_concurrency = 2
 

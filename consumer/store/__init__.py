@@ -323,17 +323,6 @@ async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -
     return applied, len(batch) - applied
 
 
-async def get_absence(pool: asyncpg.Pool, tenant: str, absence_id: str) -> Absence | None:
-    row = await pool.fetchrow(
-        "SELECT * FROM absences WHERE tenant = $1 AND id = $2", tenant, absence_id
-    )
-    return _absence(row) if row else None
-
-
-def _absence(row: asyncpg.Record) -> Absence:
-    return absence_from_data(row["tenant"], row["deleted"], json.loads(row["data"]))
-
-
 # --- dispatch ---------------------------------------------------------------
 
 
