@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from consumer import logs, store
 from consumer.events import InvalidEvent, parse_event
+from consumer.kafka import client_args
 from consumer.metrics import Metrics
 from consumer.settings import Settings
 
@@ -29,7 +30,7 @@ log = logs.get("intake")
 
 async def ensure_topics(settings: Settings, bootstrap: str) -> None:
     """Create the topic and the dead-letter topic when missing (embedded broker, dev)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_args(settings, bootstrap))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -84,12 +85,11 @@ class Intake:
         self.producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False
-        )
+        kafka_args = client_args(self.settings, self.bootstrap)
+        self.producer = AIOKafkaProducer(**kafka_args, acks="all", enable_idempotence=False)
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **kafka_args,
             group_id=self.settings.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

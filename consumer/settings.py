@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,16 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(
         default=None, description="Kafka bootstrap servers; none starts the embedded broker"
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ca_file: Path | None = None
+    kafka_cert_file: Path | None = None
+    kafka_key_file: Path | None = None
     topic: str = "absences"
     dlq_topic: str = "absences.dlq"
     group_id: str = "absence-sync"
@@ -96,7 +107,10 @@ class Settings(BaseSettings):
                 ) from exc
         return value
 
-    @field_validator("ca_bundle", "ms_client_cert_file")
+    @field_validator(
+        "ca_bundle", "ms_client_cert_file", "kafka_sasl_password_file", "kafka_ca_file",
+        "kafka_cert_file", "kafka_key_file",
+    )
     @classmethod
     def _exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -113,6 +127,26 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not self.kafka_sasl_username:
+            raise ValueError(
+                f"ABSENCE_SYNC_KAFKA_SASL_USERNAME is required with "
+                f"ABSENCE_SYNC_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+            )
+        if sasl and not (self.kafka_sasl_password or self.kafka_sasl_password_file):
+            raise ValueError(
+                "ABSENCE_SYNC_KAFKA_SASL_PASSWORD or ABSENCE_SYNC_KAFKA_SASL_PASSWORD_FILE is "
+                f"required with ABSENCE_SYNC_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+            )
+        if (self.kafka_cert_file is None) != (self.kafka_key_file is None):
+            raise ValueError(
+                "ABSENCE_SYNC_KAFKA_CERT_FILE and ABSENCE_SYNC_KAFKA_KEY_FILE go together "
+                "(a client certificate and its key)"
+            )
+        return self
+
     @field_validator("log_format")
     @classmethod
     def _format(cls, value: str) -> str:
@@ -121,7 +155,9 @@ class Settings(BaseSettings):
         return value
 
 
-_SECRET_FIELDS = frozenset({"secret_keys", "ms_client_secret", "database_url"})
+_SECRET_FIELDS = frozenset(
+    {"secret_keys", "ms_client_secret", "database_url", "kafka_sasl_password"}
+)
 
 
 def load_settings() -> Settings:
@@ -137,6 +173,9 @@ def load_settings() -> Settings:
             # never echo a secret (keys, client secret, a DSN with its password)
             got = "" if field in _SECRET_FIELDS else f" (got {err.get('input')!r})"
             if not field:  # a rule across settings: the message names them
-                name, got = "ABSENCE_SYNC_LEASE_SECONDS", ""
+                if msg.startswith("lease_seconds"):
+                    msg = "ABSENCE_SYNC_LEASE_SECONDS: " + msg
+                lines.append(msg)
+                continue
             lines.append(f"{name}: {msg}{got}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from exc
