@@ -167,6 +167,7 @@ def config_show(config_id: str) -> None:
     data["secrets"] = list(stored.secret_names)
     data["revision"] = stored.revision
     data["granted_tenant_id"] = stored.granted_tenant_id
+    data["warnings"] = list(stored.warnings)
     data["items"] = counts
     click.echo(json.dumps(data, indent=2, default=str))
 

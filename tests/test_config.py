@@ -622,3 +622,18 @@ async def test_cli_apply_is_all_or_nothing(
     assert str(bad) in refused.stderr
     assert "'acme-broken'" in refused.stderr and "busy_as" in refused.stderr
     assert await pool.fetch("SELECT * FROM sync_configs ORDER BY id") == before
+
+
+async def test_provider_warnings_are_stored_without_a_new_revision(pool: asyncpg.Pool) -> None:
+    from tests.harness import apply, sync_config
+
+    await apply(pool, sync_config("warned"))
+    assert await store.set_config_warnings(pool, "warned", ["Exchange 2010 is out of support"])
+    assert not await store.set_config_warnings(pool, "warned", ["Exchange 2010 is out of support"])
+    stored = await store.get_config(pool, "warned")
+    assert stored is not None
+    assert stored.warnings == ("Exchange 2010 is out of support",)
+    assert stored.revision == 1
+    assert await store.set_config_warnings(pool, "warned", [])
+    stored = await store.get_config(pool, "warned")
+    assert stored is not None and stored.warnings == ()

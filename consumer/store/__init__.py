@@ -83,6 +83,8 @@ class StoredConfig:
     updated_at: dt.datetime
     # known without any key, for listings (`config.secrets` is empty when read without a box)
     secret_names: tuple[str, ...] = ()
+    # what a provider reported about this configuration (e.g. an out-of-support server)
+    warnings: tuple[str, ...] = ()
 
 
 def _config_from_row(row: asyncpg.Record, box: SecretBox | None) -> StoredConfig:
@@ -94,7 +96,7 @@ def _config_from_row(row: asyncpg.Record, box: SecretBox | None) -> StoredConfig
     config = SyncConfig(**settings, secrets=secrets)
     return StoredConfig(
         config, row["revision"], row["granted_tenant_id"], row["updated_at"],
-        tuple(sorted(secrets or names)),
+        tuple(sorted(secrets or names)), tuple(json.loads(row["warnings"])),
     )
 
 
@@ -209,6 +211,20 @@ async def get_config(
 async def config_revisions(pool: asyncpg.Pool) -> dict[str, int]:
     rows = await pool.fetch("SELECT id, revision FROM sync_configs")
     return {r["id"]: r["revision"] for r in rows}
+
+
+async def set_config_warnings(
+    pool: asyncpg.Pool, config_id: str, warnings: Sequence[str]
+) -> bool:
+    """Replace what providers report about a configuration; True when it changed.
+
+    Not a configuration change: the revision stays, nothing is re-queued."""
+    result: str = await pool.execute(
+        "UPDATE sync_configs SET warnings = $2::jsonb"
+        " WHERE id = $1 AND warnings IS DISTINCT FROM $2::jsonb",
+        config_id, json.dumps(list(warnings)),
+    )
+    return result.split()[-1] != "0"
 
 
 async def reencrypt(pool: asyncpg.Pool, box: SecretBox) -> int:
