@@ -25,18 +25,61 @@ _CONTROL = re.compile(
 # Other invisible format characters (soft hyphen, BOM, tag characters...) and
 # unpaired surrogates are dropped.
 _DROPPED_CATEGORIES = ("Cf", "Cs")
+_MARK_ESCAPE = re.compile(r"%(25|3A)")
+
+
+MARK_PREFIX = "absence-sync"
+
+
+def _mark_part(text: str) -> str:
+    return text.replace("%", "%25").replace(":", "%3A")
+
+
+def _unmark_part(text: str) -> str:
+    return _MARK_ESCAPE.sub(lambda m: "%" if m.group(1) == "25" else ":", text)
 
 
 @dataclass(frozen=True, slots=True)
 class Mark:
-    """Rule 5.7: identifies an event this engine wrote."""
+    """Rule 5.7: identifies an event this engine wrote.
+
+    `value` is `absence-sync:<configuration>:<absence>` with '%' and ':'
+    percent-encoded in each part, so one value names exactly one pair
+    (configuration "a:b" + absence "c" and configuration "a" + absence "b:c"
+    no longer share a mark). Ids without '%' or ':' (the usual case) give the
+    same text as the marks written before this encoding, so their events and
+    content hashes are unchanged.
+    """
 
     config_id: str
     absence_id: str
 
     @property
     def value(self) -> str:
-        return f"absence-sync:{self.config_id}:{self.absence_id}"
+        return f"{MARK_PREFIX}:{_mark_part(self.config_id)}:{_mark_part(self.absence_id)}"
+
+    @property
+    def legacy_value(self) -> str:
+        """The form written before parts were encoded (ambiguous when an id holds ':')."""
+        return f"{MARK_PREFIX}:{self.config_id}:{self.absence_id}"
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """Every value an event this engine wrote for the pair may carry, current first.
+
+        A provider's `find` matches all of them, so events marked before the
+        encoding are still found (and adopted rather than written twice)."""
+        current, legacy = self.value, self.legacy_value
+        return (current,) if current == legacy else (current, legacy)
+
+    @classmethod
+    def parse(cls, value: str) -> Mark | None:
+        """The pair a current-form value names, or None for anything else."""
+        prefix, sep, rest = value.partition(":")
+        if prefix != MARK_PREFIX or not sep or rest.count(":") != 1:
+            return None
+        config, _, absence = rest.partition(":")
+        return cls(_unmark_part(config), _unmark_part(absence))
 
 
 @dataclass(frozen=True, slots=True)

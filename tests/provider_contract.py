@@ -8,6 +8,7 @@ the calendar behind it, fresh for each test), plus `missing_mailbox`.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import pytest
 
@@ -30,6 +31,22 @@ def desired(mailbox: str, absence_id: str = "abs-1", **changes: object) -> Desir
     }
     base.update(changes)
     return DesiredEvent(**base)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LegacyMark:
+    """Stands for a `Mark` in a `DesiredEvent` to write an event marked the way the
+    engine did before ids were encoded (`absence-sync:{config}:{absence}`)."""
+
+    mark: Mark
+
+    @property
+    def value(self) -> str:
+        return self.mark.legacy_value
+
+
+def legacy(mailbox: str, mark: Mark) -> DesiredEvent:
+    return desired(mailbox, mark=LegacyMark(mark))
 
 
 class ProviderContract:
@@ -87,6 +104,16 @@ class ProviderContract:
         b = await provider.create(desired(mailbox, "abs-b"), transaction_id="t-b")
         assert await provider.find(mailbox, Mark("cfg-1", "abs-a")) == [a]
         assert await provider.find(mailbox, Mark("cfg-1", "abs-b")) == [b]
+
+    async def test_marks_of_colliding_ids_stay_apart(
+        self, provider: Provider, mailbox: str
+    ) -> None:
+        left = desired(mailbox, mark=Mark("cfg:x", "abs-1"))
+        right = desired(mailbox, mark=Mark("cfg", "x:abs-1"))
+        a = await provider.create(left, transaction_id="t-left")
+        b = await provider.create(right, transaction_id="t-right")
+        assert await provider.find(mailbox, left.mark) == [a]
+        assert await provider.find(mailbox, right.mark) == [b]
 
     async def test_missing_mailbox(self, provider: Provider, missing_mailbox: str) -> None:
         with pytest.raises(ProviderError) as info:

@@ -6,8 +6,8 @@ import pytest
 
 from consumer.providers.base import MAILBOX_NOT_FOUND, Provider, ProviderError
 from consumer.providers.memory import MemoryCalendar, MemoryProvider
-from consumer.render import DesiredEvent
-from tests.provider_contract import ProviderContract
+from consumer.render import DesiredEvent, Mark
+from tests.provider_contract import ProviderContract, desired, legacy
 
 _boxes = itertools.count()
 
@@ -33,3 +33,11 @@ class TestMemoryProvider(ProviderContract):
     @pytest.fixture
     def missing_mailbox(self) -> str:
         return "nobody@elsewhere.test"
+
+
+async def test_finds_marks_written_before_ids_were_encoded() -> None:
+    provider = MemoryProvider(MemoryCalendar())
+    mark = Mark("cfg-1", "abs:old")
+    old = await provider.create(legacy("a@example.com", mark), transaction_id="t-old")
+    new = await provider.create(desired("a@example.com", mark=mark), transaction_id="t-new")
+    assert await provider.find("a@example.com", mark) == [old, new]

@@ -52,7 +52,7 @@ from consumer.providers.microsoft365 import (
 from consumer.render import Mark
 from consumer.settings import Settings
 from tests.graph_server import GraphServer
-from tests.provider_contract import ProviderContract, desired
+from tests.provider_contract import ProviderContract, desired, legacy
 
 TENANT = "8f4a1c2e-0000-4000-8000-00000000acme"
 _boxes = itertools.count()
@@ -198,6 +198,24 @@ async def test_find_follows_next_links_and_escapes_quotes(
     assert sorted(await m365.find(box, mark)) == sorted(ids)
     gets = [r for r in graph.graph_requests(box) if r.method == "GET"]
     assert len(gets) == 3
+
+
+async def test_find_matches_marks_written_before_ids_were_encoded(
+    graph: GraphServer, m365: Microsoft365Provider
+) -> None:
+    box = new_mailbox(graph)
+    mark = Mark("cfg-1", "abs:old%")
+    old = await m365.create(legacy(box, mark), transaction_id="t-legacy-old")
+    new = await m365.create(desired(box, mark=mark), transaction_id="t-legacy-new")
+    stored = {e["id"]: e["singleValueExtendedProperties"][0]["value"]
+              for e in graph.events[box.lower()].values()}
+    assert stored == {old: "absence-sync:cfg-1:abs:old%",
+                      new: "absence-sync:cfg-1:abs%3Aold%25"}
+    assert await m365.find(box, mark) == [new, old]
+    # an id without ':' or '%' has one form: one query
+    before = len(graph.graph_requests(box))
+    assert await m365.find(box, Mark("cfg-1", "abs-plain")) == []
+    assert len(graph.graph_requests(box)) == before + 1
 
 
 # ---------------------------------------------------------------- error mappings

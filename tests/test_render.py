@@ -15,6 +15,8 @@ import unicodedata
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumer.config import SyncConfig
 from consumer.events import Absence, absence_from_data, parse_event
@@ -521,6 +523,42 @@ def test_ownership_mark() -> None:
     desired = must_render(make(absence_id="abs-77"), config())
     assert desired.mark == Mark(CONFIG_ID, "abs-77")
     assert desired.mark.value == f"absence-sync:{CONFIG_ID}:abs-77"
+
+
+def test_marks_of_ids_holding_colons_do_not_collide() -> None:
+    """Written as plain `absence-sync:{config}:{absence}`, these two were one mark."""
+    left, right = Mark("acme:o365", "abs-1"), Mark("acme", "o365:abs-1")
+    assert left.legacy_value == right.legacy_value  # the old, ambiguous form
+    assert left.value != right.value
+    assert left.value == "absence-sync:acme%3Ao365:abs-1"
+    assert right.value == "absence-sync:acme:o365%3Aabs-1"
+    assert Mark("cfg", "50%:x").value == "absence-sync:cfg:50%25%3Ax"
+
+
+def test_marks_without_colons_keep_their_old_text() -> None:
+    """Events written before the encoding keep their content hash and their mark."""
+    mark = Mark("acme-o365", "abs-1234")
+    assert mark.value == mark.legacy_value == "absence-sync:acme-o365:abs-1234"
+    assert mark.values == (mark.value,)
+    odd = Mark("acme-o365", "abs:1")
+    assert odd.values == ("absence-sync:acme-o365:abs%3A1", "absence-sync:acme-o365:abs:1")
+
+
+_ID_TEXT = st.text(alphabet=st.sampled_from(":%3Aa25-\u00e9"), max_size=8)
+
+
+@given(_ID_TEXT, _ID_TEXT, _ID_TEXT, _ID_TEXT)
+def test_mark_values_are_injective(a: str, b: str, c: str, d: str) -> None:
+    first, second = Mark(a, b), Mark(c, d)
+    assert (first.value == second.value) == (first == second)
+    assert Mark.parse(first.value) == first
+
+
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_mark_round_trips(config_id: str, absence_id: str) -> None:
+    mark = Mark(config_id, absence_id)
+    assert Mark.parse(mark.value) == mark
+    assert mark.value in mark.values and mark.legacy_value in mark.values
 
 
 # --- hostile labels --------------------------------------------------------------

@@ -774,14 +774,18 @@ class CalDAVProvider(Provider):
             ) from exc
 
     async def find(self, mailbox: str, mark: Mark) -> list[str]:
-        found = await self._query(mailbox, MARK_PROPERTY, mark.value, operation="find")
-        return sorted(
-            {
+        """Events carrying any form of `mark` (current, or as written before
+        ids were encoded): one query per form, each hit checked exactly."""
+        values = mark.values
+        names: set[str] = set()
+        for value in values:
+            found = await self._query(mailbox, MARK_PROPERTY, value, operation="find")
+            names.update(
                 name
                 for name, data in found
-                if any(_text(props, MARK_PROPERTY) == mark.value for props in _vevents(data))
-            }
-        )
+                if any(_text(props, MARK_PROPERTY) in values for props in _vevents(data))
+            )
+        return sorted(names)
 
     async def list_events(self, mailbox: str) -> list[ListedEvent]:
         """Every event of the employee's calendar as read back from the

@@ -97,4 +97,6 @@ class MemoryProvider(Provider):
 
     async def find(self, mailbox: str, mark: Mark) -> list[str]:
         await self._call("find", mailbox)
-        return [s.id for s in self.calendar.events[mailbox].values() if s.event.mark == mark]
+        values = mark.values
+        return [s.id for s in self.calendar.events[mailbox].values()
+                if s.event.mark.value in values]

@@ -139,11 +139,13 @@ def _odata_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def mark_filter(mark: Mark) -> str:
-    """The OData filter selecting events that carry `mark` (rule 5.7)."""
+def mark_filter(mark: Mark, value: str | None = None) -> str:
+    """The OData filter selecting events that carry `mark` (rule 5.7), in its
+    current form or, given as `value`, another of `mark.values`."""
     return (
         "singleValueExtendedProperties/Any(ep: ep/id eq "
-        f"{_odata_quote(MARK_PROPERTY_ID)} and ep/value eq {_odata_quote(mark.value)})"
+        f"{_odata_quote(MARK_PROPERTY_ID)} and ep/value eq "
+        f"{_odata_quote(mark.value if value is None else value)})"
     )
 
 
@@ -703,15 +705,20 @@ class Microsoft365Provider(Provider):
         return True
 
     async def find(self, mailbox: str, mark: Mark) -> list[str]:
-        query = "$filter=" + quote(mark_filter(mark), safe="") + "&$select=id"
-        path: str | None = f"{_user_path(mailbox)}/events?{query}"
-        found: list[str] = []
-        while path is not None:
-            reply = await self._call(mailbox, "GET", path, None)
-            body = reply.body if isinstance(reply.body, dict) else {}
-            found.extend(str(item["id"]) for item in body.get("value", []) if "id" in item)
-            path = self._relative(body.get("@odata.nextLink"))
-        return found
+        """One equality filter per form of the mark (current, then the form
+        written before ids were encoded); ids in order, without repeats."""
+        found: dict[str, None] = {}
+        for value in mark.values:
+            query = "$filter=" + quote(mark_filter(mark, value), safe="") + "&$select=id"
+            path: str | None = f"{_user_path(mailbox)}/events?{query}"
+            while path is not None:
+                reply = await self._call(mailbox, "GET", path, None)
+                body = reply.body if isinstance(reply.body, dict) else {}
+                found.update(
+                    (str(item["id"]), None) for item in body.get("value", []) if "id" in item
+                )
+                path = self._relative(body.get("@odata.nextLink"))
+        return list(found)
 
     async def close(self) -> None:
         self._closed = True
