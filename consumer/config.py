@@ -9,15 +9,27 @@ encrypted, never printed.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
 import re
 import zoneinfo
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from consumer.logs import register_secret_value
 
 Provider = Literal["microsoft365", "exchange", "google", "caldav"]
 PROVIDERS: tuple[str, ...] = ("microsoft365", "exchange", "google", "caldav")
@@ -95,6 +107,11 @@ class SyncConfig(BaseModel):
             raise ValueError(f"unknown IANA time zone {value!r}") from exc
         return value
 
+    @model_validator(mode="after")
+    def _known_block_keys(self) -> SyncConfig:
+        check_block(self.provider, self.provider_settings, self.secrets)
+        return self
+
     @property
     def morning_span(self) -> TimeSpan:
         return parse_span(self.morning)
@@ -120,77 +137,208 @@ class SyncConfig(BaseModel):
         )
 
 
-# provider -> keys that must be present in its block (secrets after resolution)
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "microsoft365": (),
-    "exchange": ("url", "username", "password"),
-    "caldav": ("url",),
-    "google": ("service_account",),
+# --- provider blocks -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The keys one provider block accepts; anything else is refused, so nothing
+    secret can slip into the plain (stored, printed) part of a configuration.
+
+    * `plain`: key -> accepted type(s); stored as given and shown by `config show`.
+    * `secrets`: names given only as `<name>_env` (an environment variable) or
+      `<name>_file` (a path), never inline; stored encrypted, never shown.
+    * `from_env`: plain keys that may instead come as `<name>_env`; then kept
+      with the secrets (not shown) under `<name>`.
+    * `required`: names that must be present once resolved (plain or secret).
+    * `check`: extra rules on the resolved plain values; returns (key, problem).
+    * `hint`: added to the error for an unknown key.
+    """
+
+    plain: Mapping[str, type | tuple[type, ...]]
+    secrets: frozenset[str] = frozenset()
+    from_env: frozenset[str] = frozenset()
+    required: tuple[str, ...] = ()
+    check: Callable[[Mapping[str, Any]], list[tuple[str, str]]] | None = None
+    hint: str = ""
+
+    def accepted_keys(self) -> list[str]:
+        keys = list(self.plain)
+        keys += [f"{name}_env" for name in sorted(self.from_env)]
+        for name in sorted(self.secrets):
+            keys += [f"{name}_env", f"{name}_file"]
+        return keys
+
+
+def _url_problems(
+    key: str, url: Any, *, local_http: bool
+) -> list[tuple[str, str]]:
+    """Calendars are reached over verified TLS; plain HTTP only on this machine
+    (the embedded demo server) where `local_http`. Credentials never ride in the URL."""
+    if not isinstance(url, str):
+        return [(key, "must be text")]
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return [(key, "is not a URL")]
+    if parts.username is not None or parts.password is not None:
+        return [(key, "must not hold a user name or password (user info before '@'); "
+                      "give 'username' and 'password_env' or 'password_file' instead")]
+    if parts.scheme == "https" and parts.hostname:
+        return []
+    local = parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if local and local_http:
+        return []
+    return [(key, "must be an https:// URL" + (" (plain http only on localhost)"
+                                                 if local_http else ""))]
+
+
+def _caldav_rules(block: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return _url_problems("url", block.get("url"), local_http=True) if "url" in block else []
+
+
+def _exchange_rules(block: Mapping[str, Any]) -> list[tuple[str, str]]:
+    # an EWS URL must be https, wherever it points
+    return _url_problems("url", block.get("url"), local_http=False) if "url" in block else []
+
+
+#: provider -> the keys of its block. Providers add or extend their entry here.
+PROVIDER_BLOCKS: dict[str, BlockSpec] = {
+    "microsoft365": BlockSpec(
+        plain={"tenant_id": str},
+        hint="the vendor application's credentials are the settings ABSENCE_SYNC_MS_CLIENT_ID "
+        "and ABSENCE_SYNC_MS_CLIENT_SECRET (or _CLIENT_CERT_FILE), not part of a sync",
+    ),
+    "exchange": BlockSpec(
+        plain={"url": str, "username": str, "auth": str},
+        secrets=frozenset({"password"}),
+        required=("url", "username", "password"),
+        check=_exchange_rules,
+    ),
+    "caldav": BlockSpec(
+        plain={"url": str, "username": str},
+        secrets=frozenset({"password"}),
+        from_env=frozenset({"username"}),
+        required=("url",),
+        check=_caldav_rules,
+    ),
+    "google": BlockSpec(
+        plain={"calendar_id": str, "autodecline": bool},
+        secrets=frozenset({"service_account"}),
+        required=("service_account",),
+    ),
 }
-_SECRET_KEYS = {"password", "client_secret", "service_account", "private_key", "token"}
+
+
+def register_block(provider: str, spec: BlockSpec) -> None:
+    """Declare (or replace) the block of `provider`."""
+    PROVIDER_BLOCKS[provider] = spec
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    names = {str: "text", bool: "true or false", int: "a whole number", float: "a number"}
+    options = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in options)
+
+
+def _did_you_mean(key: str, spec: BlockSpec) -> str:
+    close = difflib.get_close_matches(key, spec.accepted_keys(), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _read_secret(field: str, key: str, value: Any) -> str:
+    """The value behind a `*_env` or `*_file` key; ConfigError naming `field` otherwise."""
+    if key.endswith("_env"):
+        if not isinstance(value, str) or value not in os.environ:
+            raise ConfigError(f"field '{field}': environment variable {value!r} is not set")
+        if not os.environ[value].strip():
+            raise ConfigError(f"field '{field}': environment variable {value!r} is empty")
+        return os.environ[value]
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"field '{field}': must be a file path")
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"field '{field}': cannot read {path}: {reason}") from exc
+    if not text:
+        raise ConfigError(f"field '{field}': {path} is empty")
+    return text
 
 
 def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """(plain settings, secrets) of a provider block, checked against its `BlockSpec`."""
+    spec = PROVIDER_BLOCKS[provider]
     if block is None:
         block = {}
     if not isinstance(block, dict):
         raise ConfigError(f"{where}: field '{provider}': must be a mapping")
     plain: dict[str, Any] = {}
     secrets: dict[str, str] = {}
-    for key, value in block.items():
-        key = str(key)
-        if key.endswith("_env"):
-            name = key[: -len("_env")]
-            if not isinstance(value, str) or value not in os.environ:
-                raise ConfigError(
-                    f"{where}: field '{provider}.{key}': environment variable {value!r} is not set"
-                )
-            if not os.environ[value].strip():
-                raise ConfigError(
-                    f"{where}: field '{provider}.{key}': environment variable {value!r} is empty"
-                )
-            secrets[name] = os.environ[value]
-        elif key.endswith("_file") and key != "cert_file":
-            name = key[: -len("_file")]
-            path = Path(str(value)).expanduser()
-            try:
-                secrets[name] = path.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                raise ConfigError(
-                    f"{where}: field '{provider}.{key}': cannot read {path}: {reason}"
-                ) from exc
-            if not secrets[name]:
-                raise ConfigError(f"{where}: field '{provider}.{key}': {path} is empty")
-        elif key in _SECRET_KEYS:
+    given: dict[str, str] = {}  # resolved name -> the key that gave it
+    for raw_key, value in block.items():
+        key = str(raw_key)
+        field = f"{provider}.{key}"
+        stem, _, suffix = key.rpartition("_")
+        indirect = suffix in ("env", "file") and (
+            stem in spec.secrets or (suffix == "env" and stem in spec.from_env)
+        )
+        name = stem if indirect else key
+        if name in given and (indirect or key in spec.plain):
             raise ConfigError(
-                f"{where}: field '{provider}.{key}': give secrets as '{key}_env' or "
+                f"{where}: field '{field}': '{given[name]}' already gives {name}; keep one"
+            )
+        given[name] = key
+        if key in spec.plain:
+            if not isinstance(value, spec.plain[key]) or (
+                isinstance(value, bool) and spec.plain[key] in (int, float)
+            ):
+                raise ConfigError(
+                    f"{where}: field '{field}': must be {_type_name(spec.plain[key])}"
+                )
+            plain[key] = value
+        elif indirect:
+            try:
+                secrets[name] = register_secret_value(_read_secret(field, key, value))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        elif key in spec.secrets:
+            raise ConfigError(
+                f"{where}: field '{field}': give secrets as '{key}_env' or "
                 f"'{key}_file', never inline"
             )
         else:
-            plain[key] = value
-    for key in _REQUIRED.get(provider, ()):
-        if key not in plain and key not in secrets:
-            raise ConfigError(f"{where}: field '{provider}.{key}' is required")
-    url = plain.get("url")
-    if url is not None and not _acceptable_url(str(url), provider):
-        raise ConfigError(
-            f"{where}: field '{provider}.url': must be an https:// URL"
-            + ("" if provider == "exchange" else " (plain http only on localhost)")
-        )
+            known = ", ".join(spec.accepted_keys()) or "none"
+            raise ConfigError(
+                f"{where}: field '{field}': unknown key{_did_you_mean(key, spec)}"
+                f" (a {provider} block accepts: {known})"
+                + (f"; {spec.hint}" if spec.hint else "")
+            )
+    for name in spec.required:
+        if name not in plain and name not in secrets:
+            raise ConfigError(f"{where}: field '{provider}.{name}' is required")
+    if spec.check is not None:
+        for key, problem in spec.check(plain):
+            raise ConfigError(f"{where}: field '{provider}.{key}': {problem}")
     return plain, secrets
 
 
-def _acceptable_url(url: str, provider: str) -> bool:
-    """Calendars are reached over verified TLS; plain HTTP only on this machine (demo).
-
-    An EWS URL must be https, wherever it points (SPEC section 6).
-    """
-    if url.startswith("https://") and len(url) > len("https://"):
-        return True
-    if provider == "exchange":
-        return False
-    return url.startswith(("http://localhost:", "http://127.0.0.1:", "http://localhost/"))
+def check_block(provider: str, plain: Mapping[str, Any], secret_names: Iterable[str]) -> None:
+    """Raise ValueError when a configuration holds keys its provider's block does not
+    know (a backstop for configurations built without `parse_sync`)."""
+    spec = PROVIDER_BLOCKS.get(provider)
+    if spec is None:
+        return
+    for key in plain:
+        if key not in spec.plain:
+            raise ValueError(
+                f"unknown {provider} setting {key!r}{_did_you_mean(key, spec)}"
+            )
+    for name in secret_names:
+        if name not in spec.secrets and name not in spec.from_env:
+            raise ValueError(f"unknown {provider} secret {name!r}")
 
 
 def parse_sync(where: str, raw: Any) -> SyncConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+from consumer.logs import register_secret_value
 from consumer.settings import Settings
 
 
@@ -28,7 +29,8 @@ def sasl_password(settings: Settings) -> str | None:
     if settings.kafka_sasl_password:
         return settings.kafka_sasl_password
     if settings.kafka_sasl_password_file is not None:
-        return settings.kafka_sasl_password_file.read_text(encoding="utf-8").strip()
+        password = settings.kafka_sasl_password_file.read_text(encoding="utf-8").strip()
+        return register_secret_value(password)
     return None
 
 

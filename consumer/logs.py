@@ -1,11 +1,148 @@
-"""Structured logging: JSON lines with tenant, configuration and absence ids."""
+"""Structured logging: JSON lines with tenant, configuration and absence ids.
+
+Every line leaves through one redaction point, whichever way it was logged:
+structlog events pass `redact_event` (a processor placed after exception
+formatting, so tracebacks are covered), and the standard `logging` records of
+libraries (aiokafka, aiohttp, asyncio, MSAL...) pass `RedactingFormatter`.
+Both use `redact_text`, which
+
+* replaces fields whose name says they hold a secret (`password`,
+  `client_secret`, `authorization`, `token`...) by `[redacted]`;
+* removes bearer tokens, basic credentials, JSON Web Tokens, passwords in
+  URLs (`scheme://user:password@host`) and `password=...`-style pairs;
+* removes every secret value the process knows: settings (client secret,
+  Kafka password, encryption keys, the database password), and each
+  configuration secret when it is read from a file, the environment or the
+  encrypted store (`register_secret_value`).
+
+Provider errors pass `redact_text` too (`ProviderError`), because their
+messages are stored and shown by the monitoring API, not only logged.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
 
 import structlog
+
+REDACTED = "[redacted]"
+#: registered values shorter than this are not searched for (they would blot out
+#: ordinary words); patterns still cover them where they appear as credentials
+MIN_SECRET_LENGTH = 6
+_MAX_SECRETS = 100_000
+
+_SECRET_NAME = re.compile(
+    r"(?i)(passw(or)?d|passphrase|secret|token|authorization|api_?key|private_?key|"
+    r"service_account|credential|cookie)"
+)
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # an Authorization header, whatever its scheme: keep the scheme, drop the credentials
+    (re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:[A-Za-z]+\s+)?)[^\s\"',;]+"),
+     rf"\1{REDACTED}"),
+    # Authorization: Bearer <token> / Basic <base64>, and either scheme alone
+    (re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9\-._~+/]+=*"), rf"\1\2{REDACTED}"),
+    (re.compile(r"\b(Basic|BASIC|basic)(\s+)(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{4,}={0,2}"),
+     rf"\1\2{REDACTED}"),
+    # a JSON Web Token, wherever it appears
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    # scheme://user:password@host
+    (re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):[^\s/@]*@"), rf"\1:{REDACTED}@"),
+    # password=..., "client_secret": "...", sasl_password: ... (query strings, forms, JSON)
+    (re.compile(
+        r"(?i)([\"']?\b[\w.-]*(?:passw(?:or)?d|secret|token|api_?key|private_?key)[\"']?"
+        r"\s*[=:]\s*[\"']?)([^\s\"'&,;]+)"
+    ), rf"\1{REDACTED}"),
+)
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+_secrets_pattern: re.Pattern[str] | None = None
+
+
+def register_secret_value(value: str) -> str:
+    """Remember `value` as a secret: it is removed from every later log line and
+    provider error. Returns `value`, so callers can register where they read."""
+    global _secrets_pattern
+    text = value.strip()
+    if len(text) >= MIN_SECRET_LENGTH and text not in _secrets and len(_secrets) < _MAX_SECRETS:
+        with _lock:
+            _secrets.add(text)
+            _secrets_pattern = None
+    return value
+
+
+def register_secret_values(values: Iterable[str | None]) -> None:
+    for value in values:
+        if value:
+            register_secret_value(value)
+
+
+def _known_secrets() -> re.Pattern[str] | None:
+    global _secrets_pattern
+    pattern = _secrets_pattern
+    if pattern is None and _secrets:
+        with _lock:
+            ordered = sorted(_secrets, key=len, reverse=True)  # longest first
+            pattern = _secrets_pattern = re.compile("|".join(map(re.escape, ordered)))
+    return pattern
+
+
+def redact_text(text: str) -> str:
+    """`text` without credentials and without any registered secret value."""
+    known = _known_secrets()
+    if known is not None:
+        text = known.sub(REDACTED, text)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_value(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return redact_text(value)
+    if depth > 8:
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) and v is not None
+                else _redact_value(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return redact_text(bytes(value).decode("utf-8", "replace"))
+    return redact_text(str(value))
+
+
+def redact_event(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the redaction point for structured events."""
+    for key, value in list(event_dict.items()):
+        if _SECRET_NAME.search(key) and value is not None:
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _redact_value(value)
+    return event_dict
+
+
+class RedactingFormatter(logging.Formatter):
+    """The redaction point for standard `logging` records (message, arguments and
+    traceback alike)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+_HANDLER_NAME = "absence-sync"
 
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:
@@ -14,7 +151,18 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
-    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s")
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == _HANDLER_NAME:
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(RedactingFormatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(numeric)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     structlog.configure(
@@ -23,11 +171,10 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_event,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelName(level.upper())
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )

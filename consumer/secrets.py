@@ -11,6 +11,8 @@ import json
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from consumer.logs import register_secret_values
+
 
 class SecretsError(Exception):
     """Secrets cannot be stored or read with the configured keys."""
@@ -46,7 +48,9 @@ class SecretBox:
             raise SecretsError(
                 "stored secrets cannot be decrypted with any key of ABSENCE_SYNC_SECRET_KEYS"
             ) from exc
-        return {str(k): str(v) for k, v in data.items()}
+        secrets = {str(k): str(v) for k, v in data.items()}
+        register_secret_values(secrets.values())  # never in a log line from now on
+        return secrets
 
     def rotate(self, token: bytes) -> bytes:
         if self._fernet is None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from consumer.logs import redact_text, register_secret_values
 
 
 class SettingsError(Exception):
@@ -39,6 +42,10 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     secret_keys: str | None = None
     ca_bundle: Path | None = None
+    allow_insecure_localhost: bool = Field(
+        default=False,
+        description="for tests: accept plain http:// Microsoft URLs on localhost",
+    )
     ms_client_id: str | None = None
     ms_client_secret: str | None = None
     ms_client_cert_file: Path | None = None
@@ -49,6 +56,10 @@ class Settings(BaseSettings):
 
     embedded_data_dir: Path | None = None
     topic_partitions: int = Field(default=4, ge=1, le=1000)
+    create_topics: bool | None = Field(
+        default=None,
+        description="create missing topics; default: only on the embedded broker",
+    )
 
     batch_size: int = Field(default=500, ge=1, le=100_000)
     fetch_max_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
@@ -85,11 +96,29 @@ class Settings(BaseSettings):
 
     @field_validator("ms_authority_host", "ms_graph_url")
     @classmethod
-    def _https(cls, value: str) -> str:
+    def _https(cls, value: str, info: ValidationInfo) -> str:
+        """Tokens and calendars travel over verified TLS; plain http only to this
+        machine, and only when ABSENCE_SYNC_ALLOW_INSECURE_LOCALHOST says so (tests)."""
         value = value.rstrip("/")
-        if not value.startswith(("https://", "http://")):
-            raise ValueError("must be an https:// URL")
-        return value
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            raise ValueError("must be an https:// URL") from None
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold a user name or password")
+        if parts.scheme == "https" and parts.hostname:
+            return value
+        if (
+            parts.scheme == "http"
+            and parts.hostname in ("localhost", "127.0.0.1", "::1")
+            and info.data.get("allow_insecure_localhost")
+        ):
+            return value
+        raise ValueError(
+            "must be an https:// URL"
+            + (" (plain http:// only to localhost, and only with "
+               "ABSENCE_SYNC_ALLOW_INSECURE_LOCALHOST=true)" if parts.scheme == "http" else "")
+        )
 
     @field_validator("secret_keys")
     @classmethod
@@ -147,12 +176,67 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> Settings:
+        # from now on these values never reach a log line, whatever logs them
+        register_secret_values([self.ms_client_secret, self.kafka_sasl_password,
+                                _dsn_password(self.database_url)])
+        register_secret_values((self.secret_keys or "").split(","))
+        return self
+
     @field_validator("log_format")
     @classmethod
     def _format(cls, value: str) -> str:
         if value not in ("json", "console"):
             raise ValueError("must be 'json' or 'console'")
         return value
+
+
+def _dsn_password(dsn: str | None) -> str | None:
+    if not dsn:
+        return None
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+_LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
+
+
+def _host_of(hostport: str) -> str:
+    """'db:5432' -> 'db', '[::1]:5432' -> '::1'."""
+    if hostport.startswith("["):
+        return hostport[1:].partition("]")[0]
+    return hostport.rpartition(":")[0] if ":" in hostport else hostport
+
+
+def database_tls_warning(dsn: str) -> str | None:
+    """Why connecting to `dsn` is not protected by verified TLS, or None.
+
+    A database on this machine (loopback or a Unix socket) needs no TLS. Any
+    other needs `sslmode=verify-full`: `prefer` (the default) falls back to plain
+    text, and `require`/`verify-ca` accept a server of any name."""
+    try:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        netloc = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return None
+    hosts = query.get("host") or [_host_of(h) for h in netloc.split(",")]
+    remote = [h for h in hosts if not h.startswith("/") and h.lower() not in _LOCAL_HOSTS]
+    if not remote:
+        return None
+    mode = (query.get("sslmode") or ["prefer"])[-1].lower()
+    if mode == "verify-full":
+        return None
+    where = ", ".join(remote)
+    if mode in ("require", "verify-ca"):
+        return (f"PostgreSQL at {where} uses sslmode={mode}: TLS without checking the server's "
+                "name; add sslmode=verify-full (and sslrootcert=...) to ABSENCE_SYNC_DATABASE_URL")
+    return (f"PostgreSQL at {where} is reached without verified TLS (sslmode={mode}); add "
+            "sslmode=verify-full (and sslrootcert=...) to ABSENCE_SYNC_DATABASE_URL")
 
 
 _SECRET_FIELDS = frozenset(
@@ -171,7 +255,8 @@ def load_settings() -> Settings:
             name = "ABSENCE_SYNC_" + field.upper()
             msg = err["msg"].removeprefix("Value error, ")
             # never echo a secret (keys, client secret, a DSN with its password)
-            got = "" if field in _SECRET_FIELDS else f" (got {err.get('input')!r})"
+            shown = redact_text(repr(err.get("input")))
+            got = "" if field in _SECRET_FIELDS else f" (got {shown})"
             if not field:  # a rule across settings: the message names them
                 if msg.startswith("lease_seconds"):
                     msg = "ABSENCE_SYNC_LEASE_SECONDS: " + msg

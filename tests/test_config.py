@@ -16,7 +16,14 @@ import pytest
 from cryptography.fernet import Fernet, InvalidToken
 
 from consumer import store
-from consumer.config import ConfigError, SyncConfig, TimeSpan, load_file
+from consumer.config import (
+    PROVIDER_BLOCKS,
+    BlockSpec,
+    ConfigError,
+    SyncConfig,
+    TimeSpan,
+    load_file,
+)
 from consumer.secrets import SecretBox, SecretsError
 from tests.conftest import event
 
@@ -161,7 +168,6 @@ def test_secret_values_never_in_public_views(
     [
         ("caldav", f'{{url: "{DAV_URL}", username: u, password: hunter2-inline}}'),
         ("exchange", f"{{url: {EWS_URL}, username: u, password: hunter2-inline}}"),
-        ("microsoft365", "{tenant_id: t, client_secret: hunter2-inline}"),
         ("google", "{service_account: hunter2-inline}"),
     ],
 )
@@ -184,6 +190,128 @@ def test_inline_secrets_refused(tmp_path: Path, provider: str, block: str) -> No
     assert "never inline" in message
     assert "_env" in message and "_file" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("provider", "block", "key", "suggestion", "more"),
+    [
+        ("caldav", f'{{url: "{DAV_URL}", pasword_env: TEST_DAV_PASSWORD}}', "pasword_env",
+         "password_env", ""),
+        ("caldav", f'{{url: "{DAV_URL}", token: hunter2-inline}}', "token", None, ""),
+        ("caldav", f'{{url: "{DAV_URL}", username_file: /run/secrets/u}}', "username_file",
+         "username_env", ""),
+        ("exchange", f"{{url: {EWS_URL}, usrname: u, password_env: TEST_DAV_PASSWORD}}",
+         "usrname", "username", ""),
+        ("microsoft365", "{tenantid: 6f1e2d3c-0000-4000-8000-123456789abc}", "tenantid",
+         "tenant_id", ""),
+        ("microsoft365", "{tenant_id: t, client_secret: hunter2-inline}", "client_secret",
+         None, "ABSENCE_SYNC_MS_CLIENT_SECRET"),
+        ("google", "{service_account_env: TEST_DAV_PASSWORD, calendarid: primary}",
+         "calendarid", "calendar_id", ""),
+        ("google", "{service_account_env: TEST_DAV_PASSWORD, private_key: hunter2-inline}",
+         "private_key", None, ""),
+    ],
+)
+def test_unknown_block_keys_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider: str, block: str, key: str,
+    suggestion: str | None, more: str,
+) -> None:
+    """Only the keys a provider knows: nothing can slip into the plain, printed settings."""
+    monkeypatch.setenv("TEST_DAV_PASSWORD", DAV_PASSWORD)
+    path = write(
+        tmp_path / "unknown.yaml",
+        f"""
+        syncs:
+          - id: typo
+            tenant: acme
+            provider: {provider}
+            {provider}: {block}
+        """,
+    )
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    message = str(info.value)
+    assert f"sync 'typo': field '{provider}.{key}': unknown key" in message
+    if suggestion is not None:
+        assert f"did you mean '{suggestion}'?" in message
+    else:
+        assert "did you mean" not in message
+    assert more in message
+    assert "hunter2" not in message and DAV_PASSWORD not in message
+
+
+def test_block_values_have_their_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_DAV_PASSWORD", DAV_PASSWORD)
+    for provider, block, field, words in [
+        ("google", "{service_account_env: TEST_DAV_PASSWORD, autodecline: maybe}",
+         "google.autodecline", "true or false"),
+        ("caldav", "{url: 5}", "caldav.url", "text"),
+        ("microsoft365", "{tenant_id: {nested: secret}}", "microsoft365.tenant_id", "text"),
+    ]:
+        path = write(tmp_path / "typed.yaml", f"""
+            syncs:
+              - {{id: typed, tenant: acme, provider: {provider}, {provider}: {block}}}
+            """)
+        with pytest.raises(ConfigError, match=rf"field '{field}': must be {words}"):
+            load_file(path)
+
+
+def test_caldav_username_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_DAV_USER", "sync-bot@acme.com")
+    monkeypatch.setenv("TEST_DAV_PASSWORD", DAV_PASSWORD)
+    path = write(tmp_path / "user.yaml", f"""
+        syncs:
+          - id: env-user
+            tenant: acme
+            provider: caldav
+            caldav: {{url: "{DAV_URL}", username_env: TEST_DAV_USER,
+                     password_env: TEST_DAV_PASSWORD}}
+        """)
+    (config,) = load_file(path)
+    assert config.provider_settings == {"url": DAV_URL}
+    assert config.secrets == {"username": "sync-bot@acme.com", "password": DAV_PASSWORD}
+
+    both = write(tmp_path / "both.yaml", f"""
+        syncs:
+          - id: twice
+            tenant: acme
+            provider: caldav
+            caldav: {{url: "{DAV_URL}", username: a, username_env: TEST_DAV_USER}}
+        """)
+    with pytest.raises(ConfigError, match=r"field 'caldav.username_env': 'username' already"):
+        load_file(both)
+
+
+def test_registry_is_what_other_providers_extend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_DAV_PASSWORD", DAV_PASSWORD)
+    monkeypatch.setitem(PROVIDER_BLOCKS, "google", BlockSpec(
+        plain={"calendar_id": str, "colour": str},
+        secrets=frozenset({"service_account"}),
+        required=("service_account",),
+    ))
+    path = write(tmp_path / "ext.yaml", """
+        syncs:
+          - id: ext
+            tenant: acme
+            provider: google
+            google: {service_account_env: TEST_DAV_PASSWORD, colour: blue}
+        """)
+    (config,) = load_file(path)
+    assert config.provider_settings == {"colour": "blue"}
+
+
+def test_configurations_built_in_code_are_checked_too() -> None:
+    """A backstop for configurations made without a file (the API, tests)."""
+    with pytest.raises(ValueError, match="unknown caldav setting 'password'"):
+        SyncConfig(id="x", tenant="acme", provider="caldav",
+                   provider_settings={"url": DAV_URL, "password": "hunter2-inline"})
+    with pytest.raises(ValueError, match="unknown microsoft365 secret 'client_secret'"):
+        SyncConfig(id="x", tenant="acme", provider="microsoft365",
+                   secrets={"client_secret": "hunter2-inline"})
 
 
 def test_caldav_plain_http_allowed_on_localhost_only(tmp_path: Path) -> None:
@@ -261,6 +389,21 @@ BAD_FILES: list[tuple[str, str, str | None, str | None, str]] = [
      "exchange.username", "required"),
     ("caldav url http remote", syncs_doc(with_(BASE, caldav={
         "url": "http://dav.example.com/{email}/"})), "bad-one", "caldav.url", "https://"),
+    ("caldav url with credentials", syncs_doc(with_(BASE, caldav={
+        "url": f"https://bob:{DAV_PASSWORD}@dav.example.com/{{email}}/"})), "bad-one",
+     "caldav.url", "must not hold a user name or password"),
+    ("caldav url with a user name", syncs_doc(with_(BASE, caldav={
+        "url": "https://bob@dav.example.com/{email}/"})), "bad-one",
+     "caldav.url", "must not hold a user name or password"),
+    ("exchange url with credentials", syncs_doc(with_(EXCHANGE, exchange={
+        "url": f"https://svc:{DAV_PASSWORD}@mail.acme.com/EWS/Exchange.asmx", "username": "u",
+        "password_env": "TEST_DAV_PASSWORD"})), "bad-one", "exchange.url", "user name"),
+    ("misspelled secret key", syncs_doc(with_(BASE, caldav={
+        "url": DAV_URL, "pasword_env": "TEST_DAV_PASSWORD"})), "bad-one",
+     "caldav.pasword_env", "did you mean 'password_env'?"),
+    ("secret given twice", syncs_doc(with_(BASE, caldav={
+        "url": DAV_URL, "password_env": "TEST_DAV_PASSWORD",
+        "password_file": "/run/secrets/dav"})), "bad-one", "caldav.password_file", "keep one"),
     ("missing env var", syncs_doc(with_(BASE, caldav={
         "url": DAV_URL, "password_env": "TEST_NO_SUCH_VARIABLE"})), "bad-one",
      "caldav.password_env", "TEST_NO_SUCH_VARIABLE"),

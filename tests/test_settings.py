@@ -154,3 +154,58 @@ def test_settings_accept_python_values() -> None:
     settings = Settings(http_port=0, database_url="postgres://u@h/db", log_level="warning")
     assert settings.http_port == 0
     assert settings.log_level == "WARNING"
+
+
+@pytest.mark.parametrize(
+    "variable", ["ABSENCE_SYNC_MS_GRAPH_URL", "ABSENCE_SYNC_MS_AUTHORITY_HOST"]
+)
+def test_microsoft_urls_must_be_https(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    for refused in ("http://graph.example.com/v1.0", "http://localhost:8443",
+                    "https://", "https://svc:hunter2-in-url@login.example.com"):
+        monkeypatch.setenv(variable, refused)
+        with pytest.raises(SettingsError) as info:
+            load_settings()
+        assert f"{variable}: must" in str(info.value)
+        assert "hunter2" not in str(info.value)
+    monkeypatch.setenv(variable, "http://localhost:8443")
+    with pytest.raises(SettingsError, match="ABSENCE_SYNC_ALLOW_INSECURE_LOCALHOST=true"):
+        load_settings()
+    # a test double on this machine may speak plain http when a setting says so
+    monkeypatch.setenv("ABSENCE_SYNC_ALLOW_INSECURE_LOCALHOST", "true")
+    assert load_settings().model_dump()[variable.removeprefix("ABSENCE_SYNC_").lower()] == (
+        "http://localhost:8443"
+    )
+    monkeypatch.setenv(variable, "http://graph.example.com")
+    with pytest.raises(SettingsError):
+        load_settings()
+
+
+def test_create_topics_defaults_to_embedded_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().create_topics is None
+    monkeypatch.setenv("ABSENCE_SYNC_CREATE_TOPICS", "true")
+    assert load_settings().create_topics is True
+
+
+@pytest.mark.parametrize(
+    ("dsn", "warned", "words"),
+    [
+        ("postgresql://sync@db.internal/sync", True, "sslmode=prefer"),
+        ("postgresql://sync@db.internal/sync?sslmode=disable", True, "without verified TLS"),
+        ("postgresql://sync@db.internal:5432/sync?sslmode=require", True, "server's name"),
+        ("postgresql://sync@db.internal/sync?sslmode=verify-ca", True, "server's name"),
+        ("postgresql://sync@db.internal/sync?sslmode=verify-full", False, ""),
+        ("postgresql://sync@a.internal:5432,b.internal:5433/sync", True, "a.internal, b.internal"),
+        ("postgresql://sync@localhost/sync", False, ""),
+        ("postgresql://sync@127.0.0.1:5432/sync?sslmode=disable", False, ""),
+        ("postgresql://sync@[::1]:5432/sync", False, ""),
+        ("postgresql:///sync?host=/var/run/postgresql", False, ""),
+        ("postgresql://sync@/sync?host=db.internal", True, "db.internal"),
+    ],
+)
+def test_database_without_verified_tls_is_named(dsn: str, warned: bool, words: str) -> None:
+    from consumer.settings import database_tls_warning
+
+    warning = database_tls_warning(dsn)
+    assert (warning is not None) == warned
+    if warning is not None:
+        assert words in warning and "sslmode=verify-full" in warning

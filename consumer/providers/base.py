@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from consumer.logs import redact_text
+
 if TYPE_CHECKING:
     from consumer.config import SyncConfig
     from consumer.render import DesiredEvent, Mark
@@ -85,12 +87,15 @@ class ProviderError(Exception):
         retry_after: float | None = None,
         hint: str | None = None,
     ) -> None:
+        # stored and shown by the monitoring API, not only logged: no credential a
+        # server echoed back (error bodies may quote the request) goes further
+        message = redact_text(message)
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.retriable = retriable
         self.retry_after = retry_after
-        self.hint = hint if hint is not None else DEFAULT_HINTS.get(code, "")
+        self.hint = redact_text(hint) if hint is not None else DEFAULT_HINTS.get(code, "")
 
 
 class EventGone(ProviderError):
