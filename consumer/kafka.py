@@ -34,10 +34,20 @@ def sasl_password(settings: Settings) -> str | None:
     return None
 
 
+#: how often clients refresh cluster metadata: a topic created after the worker
+#: started (on a cluster where the worker does not create topics) is consumed
+#: within this delay, instead of aiokafka's default five minutes
+METADATA_MAX_AGE_MS = 30_000
+
+
 def client_args(settings: Settings, bootstrap: str) -> dict[str, Any]:
     """Keyword arguments for AIOKafkaConsumer, AIOKafkaProducer and AIOKafkaAdminClient."""
     protocol = settings.kafka_security_protocol
-    args: dict[str, Any] = {"bootstrap_servers": bootstrap, "security_protocol": protocol}
+    args: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "security_protocol": protocol,
+        "metadata_max_age_ms": METADATA_MAX_AGE_MS,
+    }
     if protocol in ("SSL", "SASL_SSL"):
         args["ssl_context"] = ssl_context(settings)
     if protocol.startswith("SASL_"):

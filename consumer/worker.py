@@ -18,12 +18,12 @@ from aiohttp import web
 
 from consumer import logs, store
 from consumer.dispatch import Dispatcher, ProviderFactory
-from consumer.embedded import EmbeddedKafka, EmbeddedPostgres
-from consumer.intake import Intake, ensure_topics
+from consumer.embedded import EmbeddedError, EmbeddedKafka, EmbeddedPostgres
+from consumer.intake import Intake, TopicWatch, ensure_topics
 from consumer.metrics import Metrics
 from consumer.providers.base import ProviderContext, make_ssl_context
 from consumer.secrets import SecretBox
-from consumer.settings import Settings
+from consumer.settings import Settings, database_tls_warning
 from consumer.web import WebState, create_app
 
 log = logs.get("worker")
@@ -34,6 +34,9 @@ LEAVE_GROUP_RESERVE_SECONDS = 5.0  # of the shutdown budget, kept to leave the g
 class Endpoints:
     bootstrap: str
     dsn: str
+    #: the worker started the broker itself, so it may create the topics on it
+    embedded_kafka: bool = False
+    embedded_database: bool = False
 
 
 @contextlib.contextmanager
@@ -41,17 +44,25 @@ def embedded_endpoints(settings: Settings) -> Iterator[Endpoints]:
     """The configured Kafka and PostgreSQL, or embedded ones started for the duration."""
     with contextlib.ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap_servers
+        embedded_kafka = not bootstrap
         if not bootstrap:
+            if settings.kafka_security_protocol != "PLAINTEXT":
+                raise EmbeddedError(
+                    "ABSENCE_SYNC_KAFKA_SECURITY_PROTOCOL="
+                    f"{settings.kafka_security_protocol} needs a broker: set "
+                    "ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS (the embedded broker speaks PLAINTEXT)"
+                )
             kafka = stack.enter_context(EmbeddedKafka.start())
             bootstrap = kafka.bootstrap_servers
             log.info("started embedded Kafka broker (tansu)", bootstrap=bootstrap)
         dsn = settings.database_url
+        embedded_database = not dsn
         if not dsn:
             data_dir = settings.embedded_data_dir / "pg" if settings.embedded_data_dir else None
             pg = stack.enter_context(EmbeddedPostgres.start(data_dir))
             dsn = pg.dsn
             log.info("started embedded PostgreSQL", data_dir=str(pg.data_dir))
-        yield Endpoints(bootstrap, dsn)
+        yield Endpoints(bootstrap, dsn, embedded_kafka, embedded_database)
 
 
 async def run_worker(
@@ -69,10 +80,19 @@ async def run_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    if not endpoints.embedded_database and (warning := database_tls_warning(endpoints.dsn)):
+        log.warning(warning)
     pool = await store.connect(endpoints.dsn, max_size=max(10, settings.dispatch_concurrency // 4))
+    topics: TopicWatch | None = None
+    watching: asyncio.Task[None] | None = None
     try:
         await store.migrate(pool)
-        await ensure_topics(settings, endpoints.bootstrap)
+        create = settings.create_topics
+        if create if create is not None else endpoints.embedded_kafka:
+            await ensure_topics(settings, endpoints.bootstrap, create=True)
+        else:
+            topics = TopicWatch(settings, endpoints.bootstrap)
+            watching = asyncio.create_task(topics.run(stop), name="topics")
         context = ProviderContext(settings, make_ssl_context(settings))
         dispatcher = Dispatcher(
             settings, pool, metrics, box=SecretBox(settings.secret_keys),
@@ -80,7 +100,8 @@ async def run_worker(
         )
         intake = Intake(settings, endpoints.bootstrap, pool, metrics, dispatcher.notify)
         state = WebState(
-            metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify
+            metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,
+            extra_checks=[topics.readiness] if topics is not None else [],
         )
         async with _serve(create_app(state), settings) as port:
             # pending work is in PostgreSQL: write it while the group join is under way
@@ -111,6 +132,9 @@ async def run_worker(
                 if task is not stopped and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
     finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pool.close(), timeout=5)
         log.info("stopped")

@@ -54,6 +54,9 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"postgresql: {exc}")
     if not state.kafka_ready():
         problems.append("kafka: no partition assigned yet")
+    for check in state.extra_checks:
+        if (problem := await check()) is not None:
+            problems.append(problem)
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
     return web.json_response({"status": "ready"})
