@@ -29,7 +29,7 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"absence-sync: error: {message}", err=True)
+    click.echo(f"absence-sync: error: {logs.redact_text(message)}", err=True)
     sys.exit(code)
 
 
@@ -68,6 +68,8 @@ def _with_pool(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
             return asyncio.run(main(ep.dsn))
         except (OSError, SecretsError) as exc:
             _fail(str(exc), 1)
+        except store.ConflictError as exc:
+            _fail(str(exc))
         except _DB_ERRORS as exc:
             _fail(f"PostgreSQL: {exc}", 1)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -102,6 +103,7 @@ async def run_worker(
         state = WebState(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,
             extra_checks=[topics.readiness] if topics is not None else [],
+            confirm_consent=_consent_confirmation(settings, context),
         )
         async with _serve(create_app(state), settings) as port:
             # pending work is in PostgreSQL: write it while the group join is under way
@@ -138,6 +140,16 @@ async def run_worker(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pool.close(), timeout=5)
         log.info("stopped")
+
+
+def _consent_confirmation(
+    settings: Settings, context: ProviderContext
+) -> Callable[[str, str], Awaitable[None]] | None:
+    if not settings.ms_client_id:
+        return None
+    from consumer.providers.microsoft365 import confirm_consent
+
+    return functools.partial(confirm_consent, settings, context.ssl_context)
 
 
 async def _shutdown(

@@ -666,21 +666,53 @@ async def test_new_config_backfills_items_of_its_tenant(pool: asyncpg.Pool) -> N
     assert set(await items(pool, "globex-o365")) == {"abs-9"}
 
 
-async def test_tenant_change_moves_items_to_the_new_tenant(pool: asyncpg.Pool) -> None:
+async def test_another_tenants_configuration_id_is_refused(pool: asyncpg.Pool) -> None:
+    """Ids are unique across tenants: reusing one is an error, never a silent move."""
     box = box_with(Fernet.generate_key())
     await store.apply_configs(pool, [dav()], box)
     await add_absences(pool, "acme", "abs-1", "abs-2")
-    await add_absences(pool, "globex", "abs-2", "abs-7")  # abs-2: same id, other tenant
+    await add_absences(pool, "globex", "abs-7")
     await add_items(pool, "acme-dav", "acme", **{"abs-1": "synced", "abs-2": "synced"})
+    before = await pool.fetch("SELECT * FROM sync_configs ORDER BY id")
+    items_before = await items(pool, "acme-dav")
 
-    assert await store.apply_configs(pool, [dav(tenant="globex")], box) == {
-        "acme-dav": "updated"
+    with pytest.raises(store.ConflictError) as info:
+        await store.apply_configs(pool, [dav("globex-new", tenant="globex"),
+                                         dav(tenant="globex")], box)
+    assert "'acme-dav' is taken by another tenant" in str(info.value)
+    assert "acme" not in str(info.value).replace("acme-dav", "")  # the owner is not named
+    assert await pool.fetch("SELECT * FROM sync_configs ORDER BY id") == before  # all or nothing
+    assert await items(pool, "acme-dav") == items_before
+
+
+async def test_another_tenants_directory_is_refused(pool: asyncpg.Pool) -> None:
+    await store.apply_configs(pool, [o365()], SecretBox(None))
+    with pytest.raises(store.ConflictError, match="linked to a configuration of another tenant"):
+        await store.apply_configs(pool, [o365("globex-o365", "globex")], SecretBox(None))
+    # the same tenant may point several configurations at its directory
+    assert await store.apply_configs(pool, [o365("acme-o365-b")], SecretBox(None)) == {
+        "acme-o365-b": "created"
     }
+    assert [s.config.id for s in await store.list_configs(pool)] == ["acme-o365", "acme-o365-b"]
 
-    rows = await items(pool, "acme-dav")
-    assert set(rows) == {"abs-2", "abs-7"}
-    assert {r["tenant"] for r in rows.values()} == {"globex"}  # no acme absence left
-    assert pending(rows) == {"abs-2", "abs-7"}
+
+async def test_cli_refuses_another_tenants_id(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    first = write(tmp_path / "acme.yaml", """
+        syncs:
+          - {id: shared-id, tenant: acme, provider: microsoft365}
+        """)
+    assert cli(dsn, "config", "apply", "-f", str(first)).returncode == 0
+    second = write(tmp_path / "globex.yaml", """
+        syncs:
+          - {id: shared-id, tenant: globex, provider: microsoft365}
+        """)
+    refused = cli(dsn, "config", "apply", "-f", str(second))
+    assert refused.returncode == 2
+    assert "'shared-id' is taken by another tenant" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert await pool.fetchval("SELECT tenant FROM sync_configs WHERE id = 'shared-id'") == "acme"
 
 
 async def test_reencrypt_rotates_to_the_first_key(pool: asyncpg.Pool) -> None:

@@ -1,7 +1,16 @@
-"""Microsoft 365 admin consent: `consent-url` then the redirect (SPEC section 6)."""
+"""Microsoft 365 admin consent: `consent-url` then the redirect (SPEC sections 6 and 11).
+
+The callback records a directory only when the redirect reports an
+administrator's consent for a directory GUID, the state is one `consent-url`
+issued, no other tenant's configuration uses the directory, and the vendor
+application obtains a token for it from the (HTTPS test double of the) login
+service.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -16,13 +25,21 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from consumer import store
 from consumer.config import SyncConfig
+from consumer.events import parse_event
 from consumer.metrics import Metrics
+from consumer.providers.base import make_ssl_context
+from consumer.providers.microsoft365 import confirm_consent
 from consumer.secrets import SecretBox
+from consumer.settings import Settings
 from consumer.web import WebState, create_app
 from tests.conftest import event
+from tests.graph_server import GraphServer
 
 SCRIPT = Path(sys.executable).parent / "absence-sync"
 DIRECTORY = "6f1c2a3b-0000-4000-8000-00000000beef"
+OTHER_DIRECTORY = "7a2b3c4d-0000-4000-8000-0000000cafe0"
+CALLBACK = "/consent/microsoft365/callback"
+Client = TestClient[web.Request, web.Application]
 
 
 def consent_url(dsn: str, config_id: str) -> subprocess.CompletedProcess[str]:
@@ -38,33 +55,59 @@ def consent_url(dsn: str, config_id: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture(scope="module")
+async def graph(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GraphServer]:
+    server = GraphServer()
+    server.add_tenant(DIRECTORY)
+    server.add_tenant(OTHER_DIRECTORY, consented=False)
+    await server.start(tmp_path_factory.mktemp("graph-consent"))
+    yield server
+    await server.stop()
+
+
 @pytest.fixture
-async def client(pool: asyncpg.Pool) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    changes: list[int] = []
-    app = create_app(WebState(Metrics(), pool, on_change=lambda: changes.append(1)))
+async def client(pool: asyncpg.Pool, graph: GraphServer) -> AsyncIterator[Client]:
+    settings = Settings(
+        ms_client_id=graph.client_id, ms_client_secret=graph.client_secret,
+        ms_authority_host=graph.authority_host, ms_graph_url=graph.graph_url,
+        ca_bundle=graph.ca_path, request_timeout_seconds=5,
+    )
+    confirm = functools.partial(confirm_consent, settings, make_ssl_context(settings),
+                                delays=(0.05, 0.05))
+    app = create_app(WebState(Metrics(), pool, confirm_consent=confirm))
     async with TestClient(TestServer(app)) as c:
         yield c
 
 
-async def _setup(pool: asyncpg.Pool) -> None:
-    config = SyncConfig(id="acme-o365", tenant="acme", provider="microsoft365")
+async def _setup(pool: asyncpg.Pool, config_id: str = "acme-o365", tenant: str = "acme") -> str:
+    """A configuration whose item failed for want of consent, and a consent state."""
+    config = SyncConfig(id=config_id, tenant=tenant, provider="microsoft365")
     await store.apply_configs(pool, [config], SecretBox(None))
-    import json
-
-    from consumer.events import parse_event
-
-    parsed = parse_event(json.dumps(event("abs-1", 1)).encode())
+    parsed = parse_event(json.dumps(event(f"abs-{config_id}", 1, tenant=tenant)).encode())
     async with pool.acquire() as conn, conn.transaction():
         await store.record_absences(conn, [store.Incoming(parsed.absence, parsed.data, None)])
-    # the dispatcher found no consent: the item failed permanently
     await pool.execute(
         "UPDATE sync_items SET status = 'failed', done_seq = change_seq,"
-        " last_error_code = 'consent_missing'"
+        " last_error_code = 'consent_missing' WHERE config_id = $1", config_id,
     )
+    state = f"state-of-{config_id}-0123456789"
+    await store.new_consent_state(pool, config_id, state)
+    return state
+
+
+async def callback(client: Client, **params: str) -> tuple[int, str]:
+    response = await client.get(CALLBACK, params=params)
+    return response.status, await response.text()
+
+
+async def granted(pool: asyncpg.Pool, config_id: str = "acme-o365") -> str | None:
+    stored = await store.get_config(pool, config_id)
+    assert stored is not None
+    return stored.granted_tenant_id
 
 
 async def test_consent_flow_records_directory_and_requeues(
-    dsn: str, pool: asyncpg.Pool, client: TestClient[web.Request, web.Application]
+    dsn: str, pool: asyncpg.Pool, client: Client, graph: GraphServer
 ) -> None:
     await _setup(pool)
     result = consent_url(dsn, "acme-o365")
@@ -79,39 +122,121 @@ async def test_consent_flow_records_directory_and_requeues(
     state = query["state"][0]
     assert len(state) >= 20
 
-    bad = await client.get(
-        "/consent/microsoft365/callback",
-        params={"admin_consent": "True", "tenant": DIRECTORY, "state": "forged"},
-    )
-    assert bad.status == 400
-    assert await pool.fetchval("SELECT granted_tenant_id FROM sync_configs") is None
+    status, _ = await callback(client, admin_consent="True", tenant=DIRECTORY, state="forged")
+    assert status == 400
+    assert await granted(pool) is None
 
-    ok = await client.get(
-        "/consent/microsoft365/callback",
-        params={"admin_consent": "True", "tenant": DIRECTORY, "state": state},
-    )
-    assert ok.status == 200
-    assert "acme-o365" in await ok.text()
+    before = graph.token_requests_for(DIRECTORY)
+    status, page = await callback(client, admin_consent="True", tenant=DIRECTORY, state=state)
+    assert status == 200, page
+    assert "acme-o365" in page
+    assert graph.token_requests_for(DIRECTORY) == before + 1  # a token was obtained
     stored = await store.get_config(pool, "acme-o365")
     assert stored is not None and stored.granted_tenant_id == DIRECTORY
     assert stored.config.provider_settings["tenant_id"] == DIRECTORY
     row = await pool.fetchrow("SELECT status, change_seq, done_seq FROM sync_items")
     assert row["status"] == "pending" and row["change_seq"] > row["done_seq"]
 
-    replay = await client.get(
-        "/consent/microsoft365/callback",
-        params={"admin_consent": "True", "tenant": "someone-else", "state": state},
-    )
-    assert replay.status == 400  # a state is used once
-    assert (await store.get_config(pool, "acme-o365")).granted_tenant_id == DIRECTORY  # type: ignore[union-attr]
+    status, _ = await callback(client, admin_consent="True", tenant=DIRECTORY, state=state)
+    assert status == 400  # a state is used once
+    assert await granted(pool) == DIRECTORY
 
 
-async def test_consent_refused_is_reported(
-    pool: asyncpg.Pool, client: TestClient[web.Request, web.Application]
+REFUSED: list[tuple[str, dict[str, str], int, str]] = [
+    ("no admin_consent", {"tenant": DIRECTORY}, 400, "admin_consent=True"),
+    ("admin_consent False", {"tenant": DIRECTORY, "admin_consent": "False"}, 400,
+     "admin_consent=True"),
+    ("a domain, not a GUID", {"tenant": "acme.onmicrosoft.com", "admin_consent": "True"}, 400,
+     "not a directory (tenant) GUID"),
+    ("organizations", {"tenant": "organizations", "admin_consent": "True"}, 400, "GUID"),
+    ("not consented in the directory", {"tenant": OTHER_DIRECTORY, "admin_consent": "True"},
+     403, "no access token for directory"),
+    ("a directory that does not exist",
+     {"tenant": "0000dead-0000-4000-8000-00000000dead", "admin_consent": "True"}, 403,
+     "no access token"),
+]
+
+
+@pytest.mark.parametrize(("params", "status", "words"), [r[1:] for r in REFUSED],
+                         ids=[r[0] for r in REFUSED])
+async def test_unconfirmed_consent_is_not_recorded(
+    pool: asyncpg.Pool, client: Client, params: dict[str, str], status: int, words: str
 ) -> None:
+    state = await _setup(pool)
+    got, page = await callback(client, **params, state=state)
+    assert (got, words in page) == (status, True), page
+    assert await granted(pool) is None
+    # the state is still good: the administrator may try again
+    assert await store.consent_request(pool, state) is not None
+
+
+async def test_consent_confirmed_once_the_login_service_has_caught_up(
+    pool: asyncpg.Pool, client: Client, graph: GraphServer
+) -> None:
+    """Right after consent, Entra may answer 'not consented' for a few seconds."""
+    state = await _setup(pool)
+    graph.script_token(DIRECTORY, 400, {
+        "error": "unauthorized_client", "error_codes": [700016],
+        "error_description": "AADSTS700016: Application not found in the directory.",
+    })
+    status, page = await callback(client, admin_consent="True", tenant=DIRECTORY, state=state)
+    assert status == 200, page
+    assert await granted(pool) == DIRECTORY
+
+
+@pytest.mark.parametrize("how", ["granted", "in its file"])
+async def test_directory_of_another_tenant_is_refused(
+    pool: asyncpg.Pool, client: Client, how: str
+) -> None:
+    if how == "granted":
+        other_state = await _setup(pool, "globex-o365", "globex")
+        status, _ = await callback(client, admin_consent="True", tenant=DIRECTORY,
+                                   state=other_state)
+        assert status == 200
+    else:
+        await store.apply_configs(pool, [SyncConfig(
+            id="globex-o365", tenant="globex", provider="microsoft365",
+            provider_settings={"tenant_id": DIRECTORY.upper()},
+        )], SecretBox(None))
+    state = await _setup(pool)
+    status, page = await callback(client, admin_consent="True", tenant=DIRECTORY, state=state)
+    assert status == 409
+    assert "already linked to another customer" in page
+    assert "globex" not in page  # nothing of the other customer is shown
+    assert await granted(pool) is None
+    # a second configuration of the same tenant may use the directory
+    await _setup(pool, "globex-o365-b", "globex")
+    status, _ = await callback(client, admin_consent="True", tenant=DIRECTORY,
+                               state="state-of-globex-o365-b-0123456789")
+    assert status == 200
+    assert await granted(pool, "globex-o365-b") == DIRECTORY
+
+
+async def test_grant_refuses_a_directory_bound_meanwhile(pool: asyncpg.Pool) -> None:
+    """The check holds inside the recording transaction too (two callbacks at once)."""
+    state = await _setup(pool)
+    await store.apply_configs(pool, [SyncConfig(
+        id="globex-o365", tenant="globex", provider="microsoft365",
+        provider_settings={"tenant_id": DIRECTORY},
+    )], SecretBox(None))
+    with pytest.raises(store.ConflictError):
+        await store.grant_consent(pool, state, DIRECTORY)
+    assert await granted(pool) is None
+    assert await store.consent_request(pool, state) is not None
+
+
+async def test_without_a_microsoft_application_nothing_is_recorded(pool: asyncpg.Pool) -> None:
+    state = await _setup(pool)
+    app = create_app(WebState(Metrics(), pool))
+    async with TestClient(TestServer(app)) as plain:
+        status, page = await callback(plain, admin_consent="True", tenant=DIRECTORY, state=state)
+    assert status == 503 and "ABSENCE_SYNC_MS_CLIENT_ID" in page
+    assert await granted(pool) is None
+
+
+async def test_consent_refused_is_reported(client: Client) -> None:
     response = await client.get(
-        "/consent/microsoft365/callback",
-        params={"error": "access_denied", "error_description": "AADSTS65004: declined"},
+        CALLBACK, params={"error": "access_denied", "error_description": "AADSTS65004: declined"},
     )
     assert response.status == 400
     assert "AADSTS65004" in await response.text()

@@ -202,6 +202,27 @@ def consent_url(settings: Settings, config_id: str, state: str, redirect_uri: st
     return f"{settings.ms_authority_host}/organizations/v2.0/adminconsent?{query}"
 
 
+async def confirm_consent(settings: Settings, ssl_context: ssl.SSLContext, directory: str,
+                          config_id: str, *, delays: tuple[float, ...] = (1, 2, 4, 8)) -> None:
+    """Succeed only when the vendor application obtains a token for `directory`,
+    which proves its administrator granted consent; raise the `ProviderError`
+    otherwise. Right after consent the login service may still answer "not
+    consented" for a few seconds (replication), so that answer is retried after
+    each of `delays`; any other failure is final at once."""
+    for delay in (*delays, None):
+        provider = Microsoft365Provider(settings, directory, config_id=config_id,
+                                        ssl_context=ssl_context)
+        try:
+            await provider.check_access()
+            return
+        except ProviderError as exc:
+            if exc.code != CONSENT_MISSING or delay is None:
+                raise
+        finally:
+            await provider.close()
+        await asyncio.sleep(delay)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -719,6 +740,13 @@ class Microsoft365Provider(Provider):
                 )
                 path = self._relative(body.get("@odata.nextLink"))
         return list(found)
+
+    async def check_access(self) -> None:
+        """Obtain an app-only token for this directory, or raise the `ProviderError`
+        saying why not (the admin-consent check)."""
+        if self._problem is not None:
+            raise _copy(self._problem)
+        await self._tokens.get()
 
     async def close(self) -> None:
         self._closed = True

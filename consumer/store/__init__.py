@@ -21,6 +21,12 @@ from consumer.events import Absence, absence_from_data
 from consumer.secrets import SecretBox
 
 MIGRATION_LOCK = 0x616273656E6365  # "absence"
+BINDING_LOCK = 0x62696E64  # "bind": configuration ids and directories change one at a time
+
+
+class ConflictError(Exception):
+    """A change that would let one tenant reach another's configuration or
+    directory; nothing was changed. The message names no other tenant."""
 
 
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
@@ -107,7 +113,9 @@ async def apply_configs(
 
     Returns id -> "created" | "updated" | "unchanged". A configuration whose
     rendering fields change re-renders all its absences; any change re-queues
-    its failed items (credentials may have been fixed).
+    its failed items (credentials may have been fixed). Raises `ConflictError`,
+    applying nothing, when an id belongs to another tenant's configuration or a
+    Microsoft 365 directory is linked to one.
     """
     outcome: dict[str, str] = {}
     encrypted = {c.id: box.encrypt(c.secrets) for c in configs}
@@ -116,13 +124,28 @@ async def apply_configs(
         # an absence recorded concurrently is then either backfilled here or
         # sees the new configuration when intake marks its items
         await conn.execute("LOCK TABLE absences IN SHARE MODE")
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", BINDING_LOCK)
         for config in configs:
+            directory = config.provider_settings.get("tenant_id")
+            if config.provider == "microsoft365" and directory and await _directory_taken(
+                conn, str(directory), config.tenant
+            ):
+                raise ConflictError(
+                    f"configuration {config.id!r}: Microsoft 365 directory {directory} is "
+                    "linked to a configuration of another tenant"
+                )
             # every field, and the names (never the values) of the secrets
             settings = json.dumps(config.public_dict(), sort_keys=True)
             render_hash = _render_hash(config)
             old = await conn.fetchrow(
                 "SELECT * FROM sync_configs WHERE id = $1 FOR UPDATE", config.id
             )
+            if old is not None and old["tenant"] != config.tenant:
+                # never a silent move: the other tenant's events and history stay theirs
+                raise ConflictError(
+                    f"configuration id {config.id!r} is taken by another tenant: ids are "
+                    "unique across tenants, choose another id"
+                )
             if old is None:
                 await conn.execute(
                     "INSERT INTO sync_configs (id, tenant, provider, settings, secrets,"
@@ -147,14 +170,6 @@ async def apply_configs(
                 config.id, config.tenant, config.provider, settings,
                 encrypted[config.id], render_hash,
             )
-            if old["tenant"] != config.tenant:
-                # the other tenant's absences are no longer this configuration's business
-                # (tenant isolation): drop their items, as deleting the configuration would
-                await conn.execute(
-                    "DELETE FROM sync_items WHERE config_id = $1 AND tenant <> $2",
-                    config.id, config.tenant,
-                )
-                await _backfill_items(conn, config.id, config.tenant)
             if old["render_hash"] != render_hash or old["provider"] != config.provider:
                 await requeue(conn, config.id, only_failed=False)
             else:
@@ -243,16 +258,57 @@ async def reencrypt(pool: asyncpg.Pool, box: SecretBox) -> int:
     return count
 
 
+@dataclass(frozen=True, slots=True)
+class ConsentRequest:
+    config_id: str
+    tenant: str
+
+
+_CONSENT_REQUEST = (
+    "SELECT c.id, c.tenant FROM consent_states s JOIN sync_configs c ON c.id = s.config_id"
+    " WHERE s.state = $1 AND s.created_at > now() - interval '1 day'"
+)
+
+
+async def consent_request(pool: asyncpg.Pool, state: str) -> ConsentRequest | None:
+    """The configuration a pending (unexpired) consent `state` was made for."""
+    row = await pool.fetchrow(_CONSENT_REQUEST, state)
+    return ConsentRequest(row["id"], row["tenant"]) if row else None
+
+
+async def _directory_taken(
+    conn: asyncpg.Connection | asyncpg.Pool, directory: str, tenant: str
+) -> bool:
+    taken: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM sync_configs WHERE tenant <> $2"
+        " AND provider = 'microsoft365' AND lower($1) IN"
+        " (lower(granted_tenant_id), lower(settings->'provider_settings'->>'tenant_id')))",
+        directory, tenant,
+    )
+    return taken
+
+
+async def directory_taken(pool: asyncpg.Pool, directory: str, tenant: str) -> bool:
+    """Whether a configuration of a tenant other than `tenant` uses Microsoft 365
+    directory `directory` (granted by consent or given in its file)."""
+    return await _directory_taken(pool, directory, tenant)
+
+
 async def grant_consent(pool: asyncpg.Pool, state: str, tenant_id: str) -> str | None:
-    """Record an admin consent; returns the configuration id or None for an unknown state."""
+    """Record an admin consent; returns the configuration id or None for an unknown
+    state. Raises `ConflictError` (changing nothing, the state kept) when another
+    tenant's configuration uses that directory."""
     async with pool.acquire() as conn, conn.transaction():
-        config_id: str | None = await conn.fetchval(
-            "DELETE FROM consent_states WHERE state = $1"
-            " AND created_at > now() - interval '1 day' RETURNING config_id",
-            state,
-        )
-        if config_id is None:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", BINDING_LOCK)
+        request = await conn.fetchrow(_CONSENT_REQUEST + " FOR UPDATE OF s", state)
+        if request is None:
             return None
+        if await _directory_taken(conn, tenant_id, request["tenant"]):
+            raise ConflictError(
+                f"directory {tenant_id} is linked to a configuration of another tenant"
+            )
+        config_id: str = request["id"]
+        await conn.execute("DELETE FROM consent_states WHERE state = $1", state)
         await conn.execute(
             "UPDATE sync_configs SET granted_tenant_id = $2, revision = revision + 1,"
             " updated_at = now() WHERE id = $1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer import logs, store
 from consumer.metrics import Metrics
+from consumer.providers.base import ProviderError
 
 log = logs.get("web")
 
@@ -23,6 +25,9 @@ class WebState:
     kafka_ready: Callable[[], bool] = lambda: False
     on_change: Callable[[], None] = lambda: None
     extra_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
+    #: (directory, configuration id) -> None once a token for the directory is
+    #: obtained, else raises ProviderError; None: no Microsoft 365 application configured
+    confirm_consent: Callable[[str, str], Awaitable[None]] | None = None
 
 
 STATE = web.AppKey("state", WebState)
@@ -62,31 +67,82 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
 async def consent_callback(request: web.Request) -> web.Response:
-    """Admin consent redirect: `?admin_consent=True&tenant=...&state=...` or an error."""
+    """Admin consent redirect: `?admin_consent=True&tenant=...&state=...` or an error.
+
+    A directory is recorded only when the redirect reports consent for a
+    directory id (a GUID), the state is one `consent-url` issued, no other
+    tenant's configuration uses that directory, and the vendor application
+    actually obtains a token for it."""
     state = request.app[STATE]
     query = request.query
     if "error" in query:
         message = query.get("error_description") or query["error"]
         return _page("Consent was not granted", message, status=400)
-    tenant = query.get("tenant", "").strip()
+    directory = query.get("tenant", "").strip()
     consent_state = query.get("state", "").strip()
-    if not tenant or not consent_state:
+    if not directory or not consent_state:
         return _page("Consent failed", "The redirect lacks 'tenant' or 'state'.", status=400)
-    config_id = await store.grant_consent(state.pool, consent_state, tenant)
-    if config_id is None:
+    if query.get("admin_consent", "").strip().lower() != "true":
+        return _page("Consent was not granted",
+                     "The redirect does not report an administrator's consent "
+                     "(admin_consent=True).", status=400)
+    if not _GUID.match(directory):
+        return _page("Consent failed",
+                     "The redirect's directory id is not a directory (tenant) GUID.", status=400)
+    pending = await store.consent_request(state.pool, consent_state)
+    if pending is None:
+        return _expired()
+    if await store.directory_taken(state.pool, directory, pending.tenant):
+        return _taken(directory)
+    if state.confirm_consent is None:
+        return _page("Consent cannot be confirmed",
+                     "This server has no Microsoft 365 application configured "
+                     "(ABSENCE_SYNC_MS_CLIENT_ID).", status=503)
+    try:
+        await state.confirm_consent(directory, pending.config_id)
+    except ProviderError as exc:
+        log.warning("admin consent not confirmed", config=pending.config_id,
+                    directory=directory, code=exc.code, error=exc.message[:300])
         return _page(
-            "Consent link expired",
-            "This consent request is unknown or expired: run "
-            "'absence-sync consent-url CONFIG_ID' again.",
-            status=400,
+            "Consent could not be confirmed",
+            f"The application obtained no access token for directory {directory} "
+            f"({exc.code}). {exc.hint} Then open the consent link again.",
+            status=502 if exc.retriable else 403,
         )
+    try:
+        config_id = await store.grant_consent(state.pool, consent_state, directory)
+    except store.ConflictError:
+        return _taken(directory)
+    if config_id is None:
+        return _expired()
     state.on_change()
-    log.info("admin consent granted", config=config_id, directory=tenant)
+    log.info("admin consent granted", config=config_id, directory=directory)
     return _page(
         "Consent granted",
-        f"Directory {tenant} is now linked to configuration {config_id}; "
+        f"Directory {directory} is now linked to configuration {config_id}; "
         "its absences are being synchronized.",
+    )
+
+
+def _expired() -> web.Response:
+    return _page(
+        "Consent link expired",
+        "This consent request is unknown or expired: run "
+        "'absence-sync consent-url CONFIG_ID' again.",
+        status=400,
+    )
+
+
+def _taken(directory: str) -> web.Response:
+    return _page(
+        "Directory already linked",
+        f"Directory {directory} is already linked to another customer's configuration, so "
+        "it cannot be linked to this one. If this is unexpected, contact your vendor.",
+        status=409,
     )
 
 
