@@ -266,14 +266,20 @@ def run(http_port: int | None) -> None:
 @main.command()
 def demo() -> None:
     """Embedded broker, database and CalDAV server; sample absences; print the calendars."""
-    from consumer.demo import run_demo
-
-    sys.exit(run_demo(keep_running=False))
+    sys.exit(_demo(keep_running=False))
 
 
 @main.command()
 def dev() -> None:
     """Like demo, then keep the whole stack running for exploration (Ctrl-C stops)."""
-    from consumer.demo import run_demo
+    sys.exit(_demo(keep_running=True))
 
-    sys.exit(run_demo(keep_running=True))
+
+def _demo(*, keep_running: bool) -> int:
+    from consumer.demo import run_demo
+    from consumer.radicale_server import RadicaleError
+
+    try:
+        return run_demo(keep_running=keep_running)
+    except (EmbeddedError, RadicaleError) as exc:
+        _fail(str(exc), 1)

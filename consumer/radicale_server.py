@@ -132,6 +132,12 @@ class RadicaleServer:
         thread."""
         if (cert is None) != (key is None):
             raise ValueError("give both cert and key, or neither")
+        try:
+            import radicale  # noqa: F401 - run as `python -m radicale`; here only to check
+        except ImportError as exc:
+            from consumer.embedded import missing_extra
+
+            raise RadicaleError(missing_extra("radicale (the CalDAV server)")) from exc
         data_dir = data_dir.resolve()
         storage = data_dir / "collections"
         storage.mkdir(parents=True, exist_ok=True)

