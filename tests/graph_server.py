@@ -126,8 +126,12 @@ class GraphServer:
     token_scripts: dict[str, list[tuple[int, dict[str, Any]]]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    token_headers: dict[int, dict[str, str]] = field(default_factory=dict)
     port: int = 0
     ca_path: Path | None = None
+    #: error answers quote the request's Authorization header, as some gateways'
+    #: error pages do (for tests that credentials never go further)
+    echo_authorization: bool = False
     _runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -183,8 +187,11 @@ class GraphServer:
         for _ in range(times):
             self.scripts[mailbox.lower()].append(graph_error(status, code, message, headers))
 
-    def script_token(self, tenant: str, status: int, body: dict[str, Any]) -> None:
+    def script_token(self, tenant: str, status: int, body: dict[str, Any],
+                     headers: dict[str, str] | None = None) -> None:
         self.token_scripts[tenant].append((status, body))
+        if headers:
+            self.token_headers[id(body)] = headers
 
     def revoke_tokens(self) -> None:
         self.tokens.clear()
@@ -269,7 +276,8 @@ class GraphServer:
         })
         if self.token_scripts.get(tenant):
             status, body = self.token_scripts[tenant].pop(0)
-            return web.json_response(body, status=status)
+            return web.json_response(body, status=status,
+                                     headers=self.token_headers.pop(id(body), None))
         if tenant not in self.tenants:
             return self._token_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
         if form.get("grant_type") != "client_credentials":
@@ -347,6 +355,9 @@ class GraphServer:
             status, headers, body = await self._graph(
                 request.method, target, payload, record.at, record
             )
+        if self.echo_authorization:
+            _echo(body, f"Authorization: {request.headers.get('Authorization', '')} "
+                  f"on {request.method} {request.raw_path}")
         if status == 204:
             return web.Response(status=204, headers=headers)
         return web.json_response(body, status=status, headers=headers)
@@ -516,6 +527,18 @@ class GraphServer:
                 f"{self.graph_url}/users/{quote(mailbox, safe='@')}/events?{encoded}"
             )
         return 200, {}, body
+
+
+def _echo(body: Any, text: str) -> None:
+    """Append `text` to every error message of a reply (and of its batch sub-replies)."""
+    if not isinstance(body, dict):
+        return
+    error = body.get("error")
+    if isinstance(error, dict):
+        error["message"] = f"{error.get('message', '')} ({text})"
+    for sub in body.get("responses", []) if isinstance(body.get("responses"), list) else []:
+        if isinstance(sub, dict):
+            _echo(sub.get("body"), text)
 
 
 def validate_event(payload: Any, *, partial: bool) -> GraphAnswer | None:
