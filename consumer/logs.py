@@ -21,6 +21,7 @@ messages are stored and shown by the monitoring API, not only logged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -40,24 +41,32 @@ _SECRET_NAME = re.compile(
     r"(?i)(passw(or)?d|passphrase|secret|token|authorization|api_?key|private_?key|"
     r"service_account|credential|cookie)"
 )
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+# (cheap trigger: lowercase substrings, one of which must be present; pattern; replacement).
+# The triggers keep the cost of a line without credentials to a few string scans.
+_PATTERNS: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
     # an Authorization header, whatever its scheme: keep the scheme, drop the credentials
-    (re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:[A-Za-z]+\s+)?)[^\s\"',;]+"),
+    (("authorization",),
+     re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:[A-Za-z]+\s+)?)[^\s\"',;]+"),
      rf"\1{REDACTED}"),
-    # Authorization: Bearer <token> / Basic <base64>, and either scheme alone
-    (re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9\-._~+/]+=*"), rf"\1\2{REDACTED}"),
-    (re.compile(r"\b(Basic|BASIC|basic)(\s+)(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{4,}={0,2}"),
+    # Bearer <token> / Basic <base64>, wherever they appear
+    (("bearer",), re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9\-._~+/]+=*"), rf"\1\2{REDACTED}"),
+    (("basic",),
+     re.compile(r"\b(Basic|BASIC|basic)(\s+)(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{4,}={0,2}"),
      rf"\1\2{REDACTED}"),
-    # a JSON Web Token, wherever it appears
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    # a JSON Web Token
+    (("eyj",), re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
     # scheme://user:password@host
-    (re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):[^\s/@]*@"), rf"\1:{REDACTED}@"),
+    (("://",), re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):[^\s/@]*@"),
+     rf"\1:{REDACTED}@"),
     # password=..., "client_secret": "...", sasl_password: ... (query strings, forms, JSON)
-    (re.compile(
-        r"(?i)([\"']?\b[\w.-]*(?:passw(?:or)?d|secret|token|api_?key|private_?key)[\"']?"
-        r"\s*[=:]\s*[\"']?)([^\s\"'&,;]+)"
-    ), rf"\1{REDACTED}"),
+    (("passw", "secret", "token", "apikey", "api_key", "privatekey", "private_key"),
+     re.compile(
+         r"(?i)((?:passw(?:or)?d|secret|token|api_?key|private_?key)[\w.-]*[\"']?"
+         r"\s*[=:]\s*[\"']?)([^\s\"'&,;]+)"
+     ), rf"\1{REDACTED}"),
 )
+
+_TRIGGERS = tuple(dict.fromkeys(t for triggers, _, _ in _PATTERNS for t in triggers))
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -97,8 +106,15 @@ def redact_text(text: str) -> str:
     known = _known_secrets()
     if known is not None:
         text = known.sub(REDACTED, text)
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
+    lower = text.lower()
+    for trigger in _TRIGGERS:
+        if trigger in lower:
+            break
+    else:  # the usual text: no credential-like word at all
+        return text
+    for triggers, pattern, replacement in _PATTERNS:
+        if any(t in lower for t in triggers):
+            text = pattern.sub(replacement, text)
     return text
 
 
@@ -111,7 +127,7 @@ def _redact_value(value: Any, depth: int = 0) -> Any:
         return REDACTED
     if isinstance(value, Mapping):
         return {
-            k: (REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) and v is not None
+            k: (REDACTED if isinstance(k, str) and _secret_field(k) and v is not None
                 else _redact_value(v, depth + 1))
             for k, v in value.items()
         }
@@ -122,12 +138,22 @@ def _redact_value(value: Any, depth: int = 0) -> Any:
     return redact_text(str(value))
 
 
+_GENERATED = frozenset({"timestamp", "level", "log_level", "logger"})  # structlog's own
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_field(name: str) -> bool:
+    return _SECRET_NAME.search(name) is not None
+
+
 def redact_event(
     logger: Any, method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """structlog processor: the redaction point for structured events."""
     for key, value in list(event_dict.items()):
-        if _SECRET_NAME.search(key) and value is not None:
+        if key in _GENERATED:
+            continue
+        if _secret_field(key) and value is not None:
             event_dict[key] = REDACTED
         else:
             event_dict[key] = _redact_value(value)
