@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from consumer import logs, store
 from consumer.events import InvalidEvent, parse_event
-from consumer.kafka import client_args
+from consumer.kafka import broker_unreachable, client_args
 from consumer.metrics import Metrics
 from consumer.settings import Settings
 
@@ -31,7 +31,12 @@ log = logs.get("intake")
 async def ensure_topics(settings: Settings, bootstrap: str) -> None:
     """Create the topic and the dead-letter topic when missing (embedded broker, dev)."""
     admin = AIOKafkaAdminClient(**client_args(settings, bootstrap))
-    await admin.start()
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        with contextlib.suppress(KafkaError):
+            await admin.close()
+        raise broker_unreachable(bootstrap, exc) from exc
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -85,6 +90,13 @@ class Intake:
         self.producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except KafkaError as exc:
+            await self.stop()
+            raise broker_unreachable(self.bootstrap, exc) from exc
+
+    async def _start(self) -> None:
         kafka_args = client_args(self.settings, self.bootstrap)
         self.producer = AIOKafkaProducer(**kafka_args, acks="all", enable_idempotence=False)
         await self.producer.start()

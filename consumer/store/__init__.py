@@ -17,16 +17,36 @@ from typing import Any
 import asyncpg
 
 from consumer.config import SyncConfig
+from consumer.errors import Unreachable, dsn_address
 from consumer.events import Absence, absence_from_data
 from consumer.secrets import SecretBox
 
 MIGRATION_LOCK = 0x616273656E6365  # "absence"
+#: how long an admin-consent link stays usable
+CONSENT_LIFETIME = dt.timedelta(days=1)
 
 
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    """A pool to `dsn`; `Unreachable` (naming the address, never the password) when
+    PostgreSQL cannot be reached or refuses the login or the database."""
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unreachable(
+            "PostgreSQL", dsn_address(dsn), "ABSENCE_SYNC_DATABASE_URL", _db_reason(exc)
+        ) from exc
     assert pool is not None
     return pool
+
+
+def _db_reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running and listening there?)"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and not str(exc).strip():
+        return type(exc).__name__
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -248,8 +268,8 @@ async def grant_consent(pool: asyncpg.Pool, state: str, tenant_id: str) -> str |
     async with pool.acquire() as conn, conn.transaction():
         config_id: str | None = await conn.fetchval(
             "DELETE FROM consent_states WHERE state = $1"
-            " AND created_at > now() - interval '1 day' RETURNING config_id",
-            state,
+            " AND created_at > now() - $2::interval RETURNING config_id",
+            state, CONSENT_LIFETIME,
         )
         if config_id is None:
             return None
