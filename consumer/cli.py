@@ -264,6 +264,55 @@ def config_reencrypt() -> None:
     click.echo(f"re-encrypted the secrets of {count} configuration(s)")
 
 
+@config.command("test")
+@click.argument("config_id")
+@click.option("--mailbox", help="The calendar address to try (default: one the "
+              "configuration already writes to, or a recent employee of its tenant).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_embedded_option
+def config_test(config_id: str, mailbox: str | None, as_json: bool) -> None:
+    """Reach the configuration's calendar service for one mailbox, writing nothing.
+
+    Gets a token or logs in, then reads the mailbox's calendar, exactly as a
+    write would start. Prints 'ok' or the error code, message and hint; exits
+    1 on failure. Reads ABSENCE_SYNC_DATABASE_URL, ABSENCE_SYNC_SECRET_KEYS,
+    ABSENCE_SYNC_CA_BUNDLE and the provider settings (ABSENCE_SYNC_MS_*).
+    """
+    from consumer.probe import probe
+    from consumer.providers.base import ProviderContext, make_ssl_context
+
+    settings = _settings()
+    box = SecretBox(settings.secret_keys)
+
+    async def go(pool: Any) -> Any:
+        stored = await store.get_config(pool, config_id, box)
+        if stored is None:
+            _fail(f"no configuration with id {config_id!r}", 1)
+        address = mailbox or await store.sample_mailbox(pool, config_id)
+        if not address:
+            _fail(f"configuration {config_id!r} has no mailbox to try yet: give --mailbox ADDRESS")
+        context = ProviderContext(settings, make_ssl_context(settings))
+        return await probe(stored, context, address.strip().lower())
+
+    result = _with_pool(settings, go)
+    error = result.error
+    if as_json:
+        click.echo(json.dumps({
+            "config": result.config_id, "provider": result.provider, "mailbox": result.mailbox,
+            "ok": result.ok, "code": error.code if error else None,
+            "message": error.message if error else None, "hint": error.hint if error else None,
+        }))
+    elif error is None:
+        click.echo(f"ok: {result.provider} reached the calendar of {result.mailbox}"
+                   " (nothing was written)")
+    else:
+        click.echo(f"failed: {error.code}: {error.message}")
+        if error.hint:
+            click.echo(f"hint: {error.hint}")
+    if error is not None:
+        sys.exit(1)
+
+
 @main.command("generate-key")
 def generate_key() -> None:
     """Print a new Fernet key for ABSENCE_SYNC_SECRET_KEYS."""

@@ -177,3 +177,76 @@ async def test_dlq_show_prints_dead_letters_with_their_reasons(
     empty = run(None, "dlq", "show", **{**env, "ABSENCE_SYNC_DLQ_TOPIC": "no-such-dlq"})
     assert empty.returncode == 0, empty.stderr
     assert "no dead letters" in empty.stdout
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """The console script, without blocking the loop that serves the test doubles."""
+    import asyncio
+    import os
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("ABSENCE_SYNC_")}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "absence-sync"), *args, env={**base, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_config_test_reaches_the_calendar_without_writing(
+    dsn: str, tmp_path: Path, pool: object
+) -> None:
+    from consumer.config import SyncConfig
+    from tests.graph_server import GraphServer
+
+    graph = GraphServer()
+    consented = "3c9d2b1a-0000-4000-8000-0000000c0f1e"
+    refused = "3c9d2b1a-0000-4000-8000-0000000c0f1f"
+    graph.add_tenant(consented)
+    graph.add_tenant(refused, consented=False)
+    graph.add_mailbox("jane@acme.test")
+    await graph.start(tmp_path)
+    try:
+        await apply(pool, *(  # type: ignore[arg-type]
+            SyncConfig(id=cid, tenant="acme", provider="microsoft365",
+                       provider_settings={"tenant_id": directory})
+            for cid, directory in (("acme-ok", consented), ("acme-noconsent", refused))
+        ))
+        assert graph.ca_path is not None
+        env = {
+            "ABSENCE_SYNC_DATABASE_URL": dsn,
+            "ABSENCE_SYNC_MS_CLIENT_ID": graph.client_id,
+            "ABSENCE_SYNC_MS_CLIENT_SECRET": graph.client_secret,
+            "ABSENCE_SYNC_MS_AUTHORITY_HOST": graph.authority_host,
+            "ABSENCE_SYNC_MS_GRAPH_URL": graph.graph_url,
+            "ABSENCE_SYNC_CA_BUNDLE": str(graph.ca_path),
+        }
+        code, out, err = await _cli(env, "config", "test", "acme-ok", "--mailbox",
+                                    "Jane@acme.test")
+        assert code == 0, err
+        assert out.startswith("ok: microsoft365 reached the calendar of jane@acme.test")
+        calendar_calls = [r for r in graph.requests if r.mailbox]
+        assert calendar_calls and all(r.method == "GET" for r in calendar_calls)
+        assert not graph.events.get("jane@acme.test")
+
+        code, out, _ = await _cli(env, "config", "test", "acme-ok", "--mailbox",
+                                  "nobody@acme.test", "--json")
+        assert code == 1
+        doc = json.loads(out)
+        assert doc["ok"] is False and doc["code"] == "mailbox_not_found"
+        assert "nobody@acme.test" in doc["hint"]
+
+        code, out, _ = await _cli(env, "config", "test", "acme-noconsent", "--mailbox",
+                                  "jane@acme.test")
+        assert code == 1
+        assert out.startswith("failed: consent_missing")
+        assert "hint: " in out and "consent-url acme-noconsent" in out
+
+        code, _, err = await _cli(env, "config", "test", "acme-ok")
+        assert code == 2 and "give --mailbox" in err
+        code, _, err = await _cli(env, "config", "test", "nope", "--mailbox", "jane@acme.test")
+        assert code == 1 and "no configuration with id 'nope'" in err
+    finally:
+        await graph.stop()

@@ -247,6 +247,26 @@ async def set_config_warnings(
     return result.split()[-1] != "0"
 
 
+async def sample_mailbox(pool: asyncpg.Pool, config_id: str) -> str | None:
+    """A calendar address this configuration writes to (the latest one it used,
+    else the latest employee of its tenant), for `config test`."""
+    mailbox: str | None = await pool.fetchval(
+        "SELECT mailbox FROM sync_items WHERE config_id = $1 AND mailbox IS NOT NULL"
+        " ORDER BY updated_at DESC LIMIT 1",
+        config_id,
+    )
+    if mailbox:
+        return mailbox
+    address: str | None = await pool.fetchval(
+        "SELECT lower(COALESCE(NULLIF(a.data->'employee'->>'calendar_address', ''),"
+        " a.data->'employee'->>'email')) FROM absences a"
+        " JOIN sync_configs c ON c.tenant = a.tenant"
+        " WHERE c.id = $1 AND NOT a.deleted ORDER BY a.received_at DESC LIMIT 1",
+        config_id,
+    )
+    return address
+
+
 async def reencrypt(pool: asyncpg.Pool, box: SecretBox) -> int:
     """Re-encrypt every stored secret with the first key (key rotation)."""
     count = 0
