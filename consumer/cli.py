@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import json
 import os
 import secrets as pysecrets
 import signal
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -19,25 +23,73 @@ import click
 from consumer import logs, store
 from consumer.config import ConfigError, load_file
 from consumer.embedded import EmbeddedError
+from consumer.errors import Unreachable
 from consumer.secrets import SecretBox, SecretsError
-from consumer.settings import Settings, SettingsError, load_settings
-from consumer.worker import Endpoints, embedded_endpoints, run_worker
+from consumer.settings import Settings, SettingsError, load_settings, unknown_variables
+from consumer.worker import Endpoints, NotConfigured, embedded_endpoints, run_worker
 
 T = TypeVar("T")
 # a bad DSN, a missing database, refused credentials: reported, not a traceback
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+_SETTINGS_DOC = "Settings: ABSENCE_SYNC_* environment variables (README, 'Settings')."
+_CONFIG_DOC = "File format: docs/configuration.md."
+
+
+@dataclass
+class _Options:
+    """What the global flags asked for."""
+
+    embedded: bool = False
+    debug: bool = False
+    json_errors: bool = False  # `run` with JSON logs: errors are log lines too
+
+
+_OPTIONS = _Options()
+_log = logs.get("cli")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"absence-sync: error: {logs.redact_text(message)}", err=True)
+    message = logs.redact_text(message)
+    if _OPTIONS.debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    if _OPTIONS.json_errors:
+        _log.error(message)
+    else:
+        click.echo(f"absence-sync: error: {message}", err=True)
     sys.exit(code)
 
 
-def _settings() -> Settings:
+def _warn(message: str) -> None:
+    if _OPTIONS.json_errors:
+        _log.warning(message)
+    else:
+        click.echo(f"absence-sync: warning: {message}", err=True)
+
+
+def _embedded_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--embedded` on a command: start embedded servers for what is not configured."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            _OPTIONS.embedded = True
+
+    return click.option(
+        "--embedded", is_flag=True, expose_value=False, is_eager=True, callback=remember,
+        help="Start a throwaway embedded broker/PostgreSQL for whatever is not configured "
+        "(trials only; also ABSENCE_SYNC_EMBEDDED=true).",
+    )(f)
+
+
+def _settings(*, warn: bool = True) -> Settings:
     try:
         settings = load_settings()
     except SettingsError as exc:
         _fail(str(exc))
+    if warn:
+        for message in unknown_variables(os.environ):
+            _warn(message)
+    if _OPTIONS.embedded:
+        settings = settings.model_copy(update={"embedded": True})
     if settings.embedded_data_dir is None and not settings.database_url:
         base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
         settings = settings.model_copy(update={"embedded_data_dir": base / "absence-sync"})
@@ -49,12 +101,30 @@ def _endpoints(settings: Settings) -> Iterator[Endpoints]:
     try:
         with embedded_endpoints(settings) as endpoints:
             yield endpoints
+    except NotConfigured as exc:
+        _fail(str(exc))
     except EmbeddedError as exc:
         _fail(str(exc), 1)
 
 
+def _run(coro: Awaitable[T]) -> T:
+    """Run `coro`; infrastructure failures become one readable line (exit 1)."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except Unreachable as exc:
+        _fail(str(exc), 1)
+    except SecretsError as exc:
+        _fail(str(exc), 1)
+    except store.ConflictError as exc:
+        _fail(str(exc))
+    except _DB_ERRORS as exc:
+        _fail(f"PostgreSQL: {' '.join(str(exc).split())}", 1)
+    except OSError as exc:
+        _fail(str(exc), 1)
+
+
 def _with_pool(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `fn(pool)` against the configured (or embedded) database."""
+    """Run `fn(pool)` against the configured (or, with --embedded, embedded) database."""
     async def main(dsn: str) -> T:
         pool = await store.connect(dsn)
         try:
@@ -64,20 +134,21 @@ def _with_pool(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
             await pool.close()
 
     with _endpoints(settings.model_copy(update={"kafka_bootstrap_servers": "unused"})) as ep:
-        try:
-            return asyncio.run(main(ep.dsn))
-        except (OSError, SecretsError) as exc:
-            _fail(str(exc), 1)
-        except store.ConflictError as exc:
-            _fail(str(exc))
-        except _DB_ERRORS as exc:
-            _fail(f"PostgreSQL: {exc}", 1)
+        return _run(main(ep.dsn))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="absence-sync")
-def main() -> None:
-    """Put employees' absences from an HR system's Kafka topic into their work calendars."""
+@click.option("--debug", is_flag=True, help="Show Python tracebacks with errors.")
+def main(debug: bool) -> None:
+    """Put employees' absences from an HR system's Kafka topic into their work calendars.
+
+    Every command reads its settings from ABSENCE_SYNC_* environment variables
+    (README, 'Settings'). Without ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS or
+    ABSENCE_SYNC_DATABASE_URL a command fails, unless --embedded asks for
+    throwaway embedded servers (trials only); `demo` and `dev` always use them.
+    """
+    _OPTIONS.debug = debug
     try:
         logs.configure(os.environ.get("ABSENCE_SYNC_LOG_LEVEL", "WARNING"), "console")
     except ValueError:  # an unknown level: commands that read settings report it
@@ -85,8 +156,12 @@ def main() -> None:
 
 
 @main.command()
+@_embedded_option
 def migrate() -> None:
-    """Create or upgrade the database schema (idempotent)."""
+    """Create or upgrade the database schema (idempotent; safe with several replicas).
+
+    Reads ABSENCE_SYNC_DATABASE_URL.
+    """
     settings = _settings()
 
     async def run_migrate(dsn: str) -> list[str]:
@@ -97,12 +172,7 @@ def migrate() -> None:
             await pool.close()
 
     with _endpoints(settings.model_copy(update={"kafka_bootstrap_servers": "unused"})) as ep:
-        try:
-            applied = asyncio.run(run_migrate(ep.dsn))
-        except OSError as exc:
-            _fail(f"cannot reach PostgreSQL: {exc}", 1)
-        except _DB_ERRORS as exc:
-            _fail(f"PostgreSQL: {exc}", 1)
+        applied = _run(run_migrate(ep.dsn))
     if applied:
         click.echo("applied migrations: " + ", ".join(applied))
     else:
@@ -111,13 +181,20 @@ def migrate() -> None:
 
 @main.group()
 def config() -> None:
-    """Manage sync configurations."""
+    """Manage sync configurations (stored in PostgreSQL). File format: docs/configuration.md."""
 
 
 @config.command("apply")
-@click.option("-f", "--file", "path", required=True, type=click.Path(path_type=Path))
+@click.option("-f", "--file", "path", required=True, type=click.Path(path_type=Path),
+              help="YAML file with a top-level 'syncs:' list.")
+@_embedded_option
 def config_apply(path: Path) -> None:
-    """Create or update every configuration in FILE (all or nothing)."""
+    """Create or update every configuration in FILE (all or nothing).
+
+    Secrets are given as *_env / *_file and stored encrypted with
+    ABSENCE_SYNC_SECRET_KEYS. Reads ABSENCE_SYNC_DATABASE_URL. File format:
+    docs/configuration.md.
+    """
     settings = _settings()
     try:
         configs = load_file(path)
@@ -136,9 +213,10 @@ def config_apply(path: Path) -> None:
 
 
 @config.command("list")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_embedded_option
 def config_list(as_json: bool) -> None:
-    """List configurations (never secrets)."""
+    """List configurations (never secrets). Reads ABSENCE_SYNC_DATABASE_URL."""
     settings = _settings()
     stored = _with_pool(settings, lambda pool: store.list_configs(pool))
     if as_json:
@@ -155,8 +233,10 @@ def config_list(as_json: bool) -> None:
 
 @config.command("show")
 @click.argument("config_id")
+@_embedded_option
 def config_show(config_id: str) -> None:
-    """Show one configuration (secret names only, never values)."""
+    """Show one configuration as JSON (secret names only, never values), with its
+    item counts and provider warnings. Reads ABSENCE_SYNC_DATABASE_URL."""
     settings = _settings()
 
     async def go(pool: Any) -> tuple[store.StoredConfig | None, dict[str, int]]:
@@ -175,14 +255,65 @@ def config_show(config_id: str) -> None:
 
 
 @config.command("reencrypt")
+@_embedded_option
 def config_reencrypt() -> None:
-    """Re-encrypt stored secrets with the first key of ABSENCE_SYNC_SECRET_KEYS."""
+    """Re-encrypt stored secrets with the first key of ABSENCE_SYNC_SECRET_KEYS
+    (key rotation: prepend a new key, run this, then drop the old key)."""
     settings = _settings()
     box = SecretBox(settings.secret_keys)
     if not box.enabled:
         _fail("ABSENCE_SYNC_SECRET_KEYS is not set")
     count = _with_pool(settings, lambda pool: store.reencrypt(pool, box))
     click.echo(f"re-encrypted the secrets of {count} configuration(s)")
+
+
+@config.command("test")
+@click.argument("config_id")
+@click.option("--mailbox", help="The calendar address to try (default: one the "
+              "configuration already writes to, or a recent employee of its tenant).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_embedded_option
+def config_test(config_id: str, mailbox: str | None, as_json: bool) -> None:
+    """Reach the configuration's calendar service for one mailbox, writing nothing.
+
+    Gets a token or logs in, then reads the mailbox's calendar, exactly as a
+    write would start. Prints 'ok' or the error code, message and hint; exits
+    1 on failure. Reads ABSENCE_SYNC_DATABASE_URL, ABSENCE_SYNC_SECRET_KEYS,
+    ABSENCE_SYNC_CA_BUNDLE and the provider settings (ABSENCE_SYNC_MS_*).
+    """
+    from consumer.probe import probe
+    from consumer.providers.base import ProviderContext, make_ssl_context
+
+    settings = _settings()
+    box = SecretBox(settings.secret_keys)
+
+    async def go(pool: Any) -> Any:
+        stored = await store.get_config(pool, config_id, box)
+        if stored is None:
+            _fail(f"no configuration with id {config_id!r}", 1)
+        address = mailbox or await store.sample_mailbox(pool, config_id)
+        if not address:
+            _fail(f"configuration {config_id!r} has no mailbox to try yet: give --mailbox ADDRESS")
+        context = ProviderContext(settings, make_ssl_context(settings))
+        return await probe(stored, context, address.strip().lower())
+
+    result = _with_pool(settings, go)
+    error = result.error
+    if as_json:
+        click.echo(json.dumps({
+            "config": result.config_id, "provider": result.provider, "mailbox": result.mailbox,
+            "ok": result.ok, "code": error.code if error else None,
+            "message": error.message if error else None, "hint": error.hint if error else None,
+        }))
+    elif error is None:
+        click.echo(f"ok: {result.provider} reached the calendar of {result.mailbox}"
+                   " (nothing was written)")
+    else:
+        click.echo(f"failed: {error.code}: {error.message}")
+        if error.hint:
+            click.echo(f"hint: {error.hint}")
+    if error is not None:
+        sys.exit(1)
 
 
 @main.command("generate-key")
@@ -194,9 +325,13 @@ def generate_key() -> None:
 
 
 @main.command()
-@click.option("--config", "config_id", help="only this configuration")
+@click.option("--config", "config_id", help="Only this configuration.")
+@_embedded_option
 def retry(config_id: str | None) -> None:
-    """Retry the failed items (of one configuration, or of all)."""
+    """Retry the failed items now (of one configuration, or of all).
+
+    Reads ABSENCE_SYNC_DATABASE_URL; running workers pick the items up.
+    """
     settings = _settings()
 
     async def go(pool: Any) -> int | None:
@@ -211,18 +346,77 @@ def retry(config_id: str | None) -> None:
     click.echo(f"re-queued {count} failed item(s)")
 
 
+@main.group()
+def dlq() -> None:
+    """The dead-letter topic (ABSENCE_SYNC_DLQ_TOPIC): events intake refused."""
+
+
+@dlq.command("show")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="How many of the latest dead letters.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@_embedded_option
+def dlq_show(limit: int, as_json: bool) -> None:
+    """Print the latest dead letters with their reason headers, oldest first.
+
+    Reads without a consumer group: nothing is committed or moved. Reads
+    ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS, ABSENCE_SYNC_DLQ_TOPIC and the
+    ABSENCE_SYNC_KAFKA_* security settings.
+    """
+    from consumer.kafka import read_dead_letters
+
+    settings = _settings()
+    with _endpoints(settings.model_copy(update={"database_url": "unused"})) as endpoints:
+        letters = _run(read_dead_letters(settings, endpoints.bootstrap, limit))
+    if as_json:
+        for letter in letters:
+            click.echo(json.dumps(letter.as_dict(), ensure_ascii=False))
+        return
+    if not letters:
+        click.echo(f"no dead letters in {settings.dlq_topic}")
+        return
+    for letter in letters:
+        doc = letter.as_dict(value_chars=200)
+        when = doc["timestamp"] or "(no time)"
+        origin = (f"{doc['original_topic']}[{doc['original_partition']}]"
+                  f"@{doc['original_offset']}")
+        click.echo(f"{when}  {origin}  key={doc['key']!s}  reason={doc['reason']}")
+        if doc["error"]:
+            click.echo(f"    error: {doc['error']}")
+        if doc["value"] is not None:
+            preview = " ".join(str(doc["value"]).split())
+            click.echo(f"    value ({doc['value_bytes']} bytes): {preview}")
+
+
 @main.command("consent-url")
 @click.argument("config_id")
-@click.option("--redirect-uri", help="overrides ABSENCE_SYNC_PUBLIC_URL + the callback path")
+@click.option("--redirect-uri",
+              help="Overrides ABSENCE_SYNC_PUBLIC_URL + /consent/microsoft365/callback (https).")
+@_embedded_option
 def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
-    """Print the Microsoft 365 admin-consent URL for a configuration."""
+    """Print the Microsoft 365 admin-consent link for a configuration.
+
+    A customer's administrator opens it; Microsoft then redirects their browser
+    to ABSENCE_SYNC_PUBLIC_URL/consent/microsoft365/callback, which must reach a
+    running worker over https. The link works once and expires after a day.
+    Reads ABSENCE_SYNC_MS_CLIENT_ID, ABSENCE_SYNC_PUBLIC_URL and
+    ABSENCE_SYNC_DATABASE_URL; see docs/microsoft365.md.
+    """
     from consumer.providers.microsoft365 import consent_url
 
     settings = _settings()
     if not settings.ms_client_id:
-        _fail("ABSENCE_SYNC_MS_CLIENT_ID is not set")
-    base = settings.public_url or f"http://localhost:{settings.http_port}"
-    redirect = redirect_uri or base.rstrip("/") + "/consent/microsoft365/callback"
+        _fail("ABSENCE_SYNC_MS_CLIENT_ID is not set: the vendor application's client id")
+    if redirect_uri is None:
+        if not settings.public_url:
+            _fail(
+                "ABSENCE_SYNC_PUBLIC_URL is not set: the consent redirect must reach this "
+                "service at a public https address (e.g. https://sync.vendor.example); "
+                "without it the administrator's browser would be sent to their own machine"
+            )
+        redirect_uri = settings.public_url.rstrip("/") + "/consent/microsoft365/callback"
+    if not redirect_uri.startswith("https://"):
+        _fail(f"the consent redirect must be an https:// address, got {redirect_uri!r}")
     state = pysecrets.token_urlsafe(24)
 
     async def go(pool: Any) -> bool:
@@ -236,7 +430,13 @@ def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
 
     if not _with_pool(settings, go):
         _fail(f"no configuration with id {config_id!r}", 1)
-    click.echo(consent_url(settings, config_id, state, redirect))
+    expires = dt.datetime.now(dt.UTC) + store.CONSENT_LIFETIME
+    click.echo(consent_url(settings, config_id, state, redirect_uri))
+    click.echo(
+        f"The link works once and expires at {expires:%Y-%m-%d %H:%M} UTC "
+        f"(in {store.CONSENT_LIFETIME.days * 24} hours).",
+        err=True,
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -244,23 +444,27 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @main.command()
-@click.option("--http-port", type=int, help="overrides ABSENCE_SYNC_HTTP_PORT")
+@click.option("--http-port", type=int, help="Overrides ABSENCE_SYNC_HTTP_PORT.")
+@_embedded_option
 def run(http_port: int | None) -> None:
-    """The worker: consume, record, dispatch, serve HTTP."""
+    """The worker: consume, record, dispatch, serve HTTP (/metrics, /healthz, /readyz, API).
+
+    Reads every ABSENCE_SYNC_* setting (README, 'Settings'); needs
+    ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS and ABSENCE_SYNC_DATABASE_URL unless
+    --embedded. Stops gracefully on SIGTERM.
+    """
     # until the worker's own graceful handler is installed, SIGTERM stops start-up
     # cleanly (nothing is in flight yet) like Ctrl-C does
     signal.signal(signal.SIGTERM, _interrupt)
-    settings = _settings()
+    settings = _settings(warn=False)
     if http_port is not None:
         settings = settings.model_copy(update={"http_port": http_port})
     logs.configure(settings.log_level, settings.log_format)
-    with _endpoints(settings) as endpoints:
-        try:
-            asyncio.run(run_worker(settings, endpoints))
-        except KeyboardInterrupt:
-            pass
-        except (OSError, SecretsError) as exc:
-            _fail(str(exc), 1)
+    _OPTIONS.json_errors = settings.log_format == "json"
+    for message in unknown_variables(os.environ):
+        _warn(message)
+    with _endpoints(settings) as endpoints, contextlib.suppress(KeyboardInterrupt):
+        _run(run_worker(settings, endpoints))
 
 
 @main.command()

@@ -224,7 +224,7 @@ PROVIDER_BLOCKS: dict[str, BlockSpec] = {
         check=_caldav_rules,
     ),
     "google": BlockSpec(
-        plain={"calendar_id": str, "autodecline": bool},
+        plain={"calendar_id": str, "autodecline": str},
         secrets=frozenset({"service_account"}),
         required=("service_account",),
     ),

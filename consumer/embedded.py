@@ -134,11 +134,10 @@ class EmbeddedPostgres:
         if data_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="absence-sync-pg-")
             data_dir = Path(tmp.name)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            # pgserver runs PostgreSQL as the 'pgserver' user when we are root
-            with contextlib.suppress(OSError):
-                os.chmod(data_dir, 0o777)  # noqa: S103 - a private scratch folder
+        # PostgreSQL refuses a data directory others can read. As root, pgserver
+        # runs it as its 'pgserver' user and hands the directory over (chown).
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, exist_ok=True)
         try:
             server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
         except Exception as exc:

@@ -20,8 +20,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from consumer import logs, store
+from consumer.errors import Unreachable
 from consumer.events import InvalidEvent, parse_event
-from consumer.kafka import client_args
+from consumer.kafka import broker_unreachable, client_args
 from consumer.metrics import Metrics
 from consumer.settings import Settings
 
@@ -35,6 +36,11 @@ async def ensure_topics(settings: Settings, bootstrap: str, *, create: bool = Tr
     admin = AIOKafkaAdminClient(**client_args(settings, bootstrap))
     try:
         await admin.start()
+    except KafkaError as exc:
+        with contextlib.suppress(KafkaError):
+            await admin.close()
+        raise broker_unreachable(bootstrap, exc) from exc
+    try:
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(settings.topic, settings.topic_partitions, 1),
@@ -80,7 +86,7 @@ class TopicWatch:
         topic, dlq = self.settings.topic, self.settings.dlq_topic
         try:
             missing = await ensure_topics(self.settings, self.bootstrap, create=False)
-        except (KafkaError, OSError) as exc:
+        except (KafkaError, OSError, Unreachable) as exc:
             self.problem = f"kafka: cannot look up the topics ({type(exc).__name__})"
             self._warn("lookup", "cannot look up the Kafka topics; retrying",
                        error=type(exc).__name__)
@@ -159,6 +165,13 @@ class Intake:
         self.producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except KafkaError as exc:
+            await self.stop()
+            raise broker_unreachable(self.bootstrap, exc) from exc
+
+    async def _start(self) -> None:
         kafka_args = client_args(self.settings, self.bootstrap)
         self.producer = AIOKafkaProducer(**kafka_args, acks="all", enable_idempotence=False)
         await self.producer.start()

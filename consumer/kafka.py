@@ -1,4 +1,5 @@
-"""Kafka client settings shared by every consumer, producer and admin client.
+"""Kafka clients: settings shared by every consumer, producer and admin client,
+and the operator's read-only views of the brokers (dead letters).
 
 `client_args` turns the ABSENCE_SYNC_KAFKA_* security settings into aiokafka
 keyword arguments, so the live intake, a resync, `status` and `dlq show`
@@ -7,9 +8,13 @@ reach a secured cluster (TLS, SASL PLAIN or SCRAM) the same way.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
+from consumer.errors import Unreachable
 from consumer.logs import register_secret_value
 from consumer.settings import Settings
 
@@ -40,6 +45,12 @@ def sasl_password(settings: Settings) -> str | None:
 METADATA_MAX_AGE_MS = 30_000
 
 
+def broker_unreachable(bootstrap: str, exc: BaseException) -> Unreachable:
+    """The operator's wording for a broker that cannot be used."""
+    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return Unreachable("Kafka", bootstrap, "ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS", detail)
+
+
 def client_args(settings: Settings, bootstrap: str) -> dict[str, Any]:
     """Keyword arguments for AIOKafkaConsumer, AIOKafkaProducer and AIOKafkaAdminClient."""
     protocol = settings.kafka_security_protocol
@@ -55,3 +66,89 @@ def client_args(settings: Settings, bootstrap: str) -> dict[str, Any]:
         args["sasl_plain_username"] = settings.kafka_sasl_username
         args["sasl_plain_password"] = sasl_password(settings)
     return args
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One record of the dead-letter topic, with the reasons intake attached."""
+
+    partition: int
+    offset: int
+    timestamp: dt.datetime | None
+    key: str | None
+    headers: dict[str, str]
+    value: bytes | None
+
+    def as_dict(self, value_chars: int = 500) -> dict[str, Any]:
+        text = None if self.value is None else self.value[:value_chars].decode("utf-8", "replace")
+        return {
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp": self.timestamp.isoformat() if self.timestamp else None,
+            "key": self.key,
+            "reason": self.headers.get("absence-sync-reason"),
+            "error": self.headers.get("absence-sync-error"),
+            "original_topic": self.headers.get("absence-sync-original-topic"),
+            "original_partition": _int(self.headers.get("absence-sync-original-partition")),
+            "original_offset": _int(self.headers.get("absence-sync-original-offset")),
+            "headers": self.headers,
+            "value": text,
+            "value_bytes": None if self.value is None else len(self.value),
+        }
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+async def read_dead_letters(settings: Settings, bootstrap: str, limit: int) -> list[DeadLetter]:
+    """The last `limit` records of the dead-letter topic, oldest first.
+
+    Reads without a consumer group (nothing is committed, nobody's offsets move).
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import KafkaError
+
+    consumer = AIOKafkaConsumer(**client_args(settings, bootstrap), enable_auto_commit=False,
+                                group_id=None)
+    try:
+        await consumer.start()
+        if settings.dlq_topic not in await consumer.topics():  # refreshes the metadata
+            return []
+        partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
+        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        found: list[DeadLetter] = []
+        for tp in tps:
+            # Some brokers (tansu) under-report the end offset after a batch of
+            # several records: start early enough, read until a fetch comes back
+            # empty, keep the last `limit`.
+            consumer.seek(tp, max(starts[tp], ends[tp] - limit))
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                records = batch.get(tp, [])
+                found.extend(_dead_letter(r) for r in records)
+                if not records and (await consumer.position(tp)) >= max(
+                    ends[tp], consumer.highwater(tp) or 0
+                ):
+                    break
+        found.sort(key=lambda d: (d.timestamp or dt.datetime.min.replace(tzinfo=dt.UTC),
+                                  d.partition, d.offset))
+        return found[-limit:]
+    except KafkaError as exc:
+        raise broker_unreachable(bootstrap, exc) from exc
+    finally:
+        with contextlib.suppress(KafkaError):
+            await consumer.stop()
+
+
+def _dead_letter(record: Any) -> DeadLetter:
+    headers = {k: bytes(v).decode("utf-8", "replace") for k, v in (record.headers or [])}
+    stamp = (dt.datetime.fromtimestamp(record.timestamp / 1000, dt.UTC)
+             if record.timestamp and record.timestamp > 0 else None)
+    key = bytes(record.key).decode("utf-8", "replace") if record.key is not None else None
+    return DeadLetter(record.partition, record.offset, stamp, key, headers, record.value)

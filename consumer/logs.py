@@ -1,10 +1,12 @@
 """Structured logging: JSON lines with tenant, configuration and absence ids.
 
-Every line leaves through one redaction point, whichever way it was logged:
-structlog events pass `redact_event` (a processor placed after exception
-formatting, so tracebacks are covered), and the standard `logging` records of
-libraries (aiokafka, aiohttp, asyncio, MSAL...) pass `RedactingFormatter`.
-Both use `redact_text`, which
+Everything the process logs goes through one pipeline, including the standard
+library's loggers (aiokafka, asyncio, warnings): with JSON logging every line
+on stderr is one JSON object.
+
+That pipeline has one redaction point, `redact_event`, placed after exception
+formatting (so tracebacks are covered) for structlog events and standard
+`logging` records alike. It uses `redact_text`, which
 
 * replaces fields whose name says they hold a secret (`password`,
   `client_secret`, `authorization`, `token`...) by `[redacted]`;
@@ -160,17 +162,6 @@ def redact_event(
     return event_dict
 
 
-class RedactingFormatter(logging.Formatter):
-    """The redaction point for standard `logging` records (message, arguments and
-    traceback alike)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact_text(super().format(record))
-
-
-_HANDLER_NAME = "absence-sync"
-
-
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -180,26 +171,34 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if handler.get_name() == _HANDLER_NAME:
-            root.removeHandler(handler)
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     handler = logging.StreamHandler(sys.stderr)
-    handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(RedactingFormatter("%(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact_event,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_absence_sync", False)]:
+        root.removeHandler(old)
+    handler._absence_sync = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)
+    logging.captureWarnings(True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redact_event,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, redact_event, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,

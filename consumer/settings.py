@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -54,6 +56,10 @@ class Settings(BaseSettings):
     ms_consent_redirect_url: str | None = None
     public_url: str | None = None
 
+    embedded: bool = Field(
+        default=False,
+        description="start embedded servers for whatever is not configured (trials only)",
+    )
     embedded_data_dir: Path | None = None
     topic_partitions: int = Field(default=4, ge=1, le=1000)
     create_topics: bool | None = Field(
@@ -242,6 +248,29 @@ def database_tls_warning(dsn: str) -> str | None:
 _SECRET_FIELDS = frozenset(
     {"secret_keys", "ms_client_secret", "database_url", "kafka_sasl_password"}
 )
+
+
+def known_variables() -> list[str]:
+    """Every ABSENCE_SYNC_* variable the product reads."""
+    return sorted("ABSENCE_SYNC_" + name.upper() for name in Settings.model_fields)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ABSENCE_SYNC_* variable that no setting reads (a typo
+    would otherwise silently leave a default in place), with the closest name."""
+    prefix = "ABSENCE_SYNC_"
+    known = known_variables()
+    suffixes = [k.removeprefix(prefix) for k in known]
+    warnings = []
+    for name in sorted(environ):
+        if not name.upper().startswith(prefix) or name.upper() in known:
+            continue
+        close = difflib.get_close_matches(
+            name.upper().removeprefix(prefix), suffixes, n=1, cutoff=0.75
+        )
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        warnings.append(f"{name} is not a known setting{hint}")
+    return warnings
 
 
 def load_settings() -> Settings:

@@ -35,18 +35,40 @@ LEAVE_GROUP_RESERVE_SECONDS = 5.0  # of the shutdown budget, kept to leave the g
 class Endpoints:
     bootstrap: str
     dsn: str
-    #: the worker started the broker itself, so it may create the topics on it
+    #: the worker started these itself (so it may create the topics on the broker)
     embedded_kafka: bool = False
     embedded_database: bool = False
 
 
+class NotConfigured(Exception):
+    """A server address is missing and embedded servers were not asked for."""
+
+
+_MISSING = {
+    "kafka": (
+        "ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS is not set: point it at your Kafka brokers "
+        "(host:9092,...), or pass --embedded (ABSENCE_SYNC_EMBEDDED=true) to start a throwaway "
+        "in-memory broker for a trial"
+    ),
+    "postgresql": (
+        "ABSENCE_SYNC_DATABASE_URL is not set: point it at your PostgreSQL "
+        "(postgresql://user@host:5432/db), or pass --embedded (ABSENCE_SYNC_EMBEDDED=true) to "
+        "start an embedded PostgreSQL for a trial"
+    ),
+}
+
+
 @contextlib.contextmanager
 def embedded_endpoints(settings: Settings) -> Iterator[Endpoints]:
-    """The configured Kafka and PostgreSQL, or embedded ones started for the duration."""
+    """The configured Kafka and PostgreSQL; embedded ones for what is missing, but
+    only when `settings.embedded` asks for them (a missing address in production
+    must be an error, not a throwaway server that looks healthy)."""
     with contextlib.ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap_servers
-        embedded_kafka = not bootstrap
+        embedded_kafka = False
         if not bootstrap:
+            if not settings.embedded:
+                raise NotConfigured(_MISSING["kafka"])
             if settings.kafka_security_protocol != "PLAINTEXT":
                 raise EmbeddedError(
                     "ABSENCE_SYNC_KAFKA_SECURITY_PROTOCOL="
@@ -54,11 +76,13 @@ def embedded_endpoints(settings: Settings) -> Iterator[Endpoints]:
                     "ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS (the embedded broker speaks PLAINTEXT)"
                 )
             kafka = stack.enter_context(EmbeddedKafka.start())
-            bootstrap = kafka.bootstrap_servers
+            bootstrap, embedded_kafka = kafka.bootstrap_servers, True
             log.info("started embedded Kafka broker (tansu)", bootstrap=bootstrap)
         dsn = settings.database_url
         embedded_database = not dsn
         if not dsn:
+            if not settings.embedded:
+                raise NotConfigured(_MISSING["postgresql"])
             data_dir = settings.embedded_data_dir / "pg" if settings.embedded_data_dir else None
             pg = stack.enter_context(EmbeddedPostgres.start(data_dir))
             dsn = pg.dsn

@@ -243,8 +243,8 @@ def test_unknown_block_keys_refused(
 def test_block_values_have_their_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_DAV_PASSWORD", DAV_PASSWORD)
     for provider, block, field, words in [
-        ("google", "{service_account_env: TEST_DAV_PASSWORD, autodecline: maybe}",
-         "google.autodecline", "true or false"),
+        ("google", "{service_account_env: TEST_DAV_PASSWORD, calendar_id: [a, b]}",
+         "google.calendar_id", "text"),
         ("caldav", "{url: 5}", "caldav.url", "text"),
         ("microsoft365", "{tenant_id: {nested: secret}}", "microsoft365.tenant_id", "text"),
     ]:

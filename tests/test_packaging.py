@@ -96,7 +96,7 @@ def _without_embedded(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_commands_without_the_extra_name_it() -> None:
-    for command in (["demo"], ["dev"], ["run"], ["migrate"]):
+    for command in (["demo"], ["dev"], ["run", "--embedded"], ["migrate", "--embedded"]):
         done = _without_embedded(*command)
         assert done.returncode == 1, (command, done.stderr)
         assert "'embedded' extra" in done.stderr, (command, done.stderr)

@@ -214,10 +214,11 @@ def test_database_without_verified_tls_is_named(dsn: str, warned: bool, words: s
 async def test_worker_warns_about_a_database_without_verified_tls() -> None:
     import structlog
 
+    from consumer.errors import Unreachable
     from consumer.worker import Endpoints, run_worker
 
     endpoints = Endpoints("127.0.0.1:1", "postgresql://sync@db.invalid:5432/sync")
-    with structlog.testing.capture_logs() as logged, pytest.raises(OSError):
+    with structlog.testing.capture_logs() as logged, pytest.raises(Unreachable):
         await run_worker(Settings(), endpoints)
     warnings = [e["event"] for e in logged if e["log_level"] == "warning"]
     assert any("db.invalid" in w and "sslmode=verify-full" in w for w in warnings), logged

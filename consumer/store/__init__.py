@@ -17,11 +17,14 @@ from typing import Any
 import asyncpg
 
 from consumer.config import SyncConfig
+from consumer.errors import Unreachable, dsn_address
 from consumer.events import Absence, absence_from_data
 from consumer.secrets import SecretBox
 
 MIGRATION_LOCK = 0x616273656E6365  # "absence"
 BINDING_LOCK = 0x62696E64  # "bind": configuration ids and directories change one at a time
+#: how long an admin-consent link stays usable
+CONSENT_LIFETIME = dt.timedelta(days=1)
 
 
 class ConflictError(Exception):
@@ -30,9 +33,26 @@ class ConflictError(Exception):
 
 
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    """A pool to `dsn`; `Unreachable` (naming the address, never the password) when
+    PostgreSQL cannot be reached or refuses the login or the database."""
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unreachable(
+            "PostgreSQL", dsn_address(dsn), "ABSENCE_SYNC_DATABASE_URL", _db_reason(exc)
+        ) from exc
     assert pool is not None
     return pool
+
+
+def _db_reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running and listening there?)"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and not str(exc).strip():
+        return type(exc).__name__
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -242,6 +262,26 @@ async def set_config_warnings(
     return result.split()[-1] != "0"
 
 
+async def sample_mailbox(pool: asyncpg.Pool, config_id: str) -> str | None:
+    """A calendar address this configuration writes to (the latest one it used,
+    else the latest employee of its tenant), for `config test`."""
+    mailbox: str | None = await pool.fetchval(
+        "SELECT mailbox FROM sync_items WHERE config_id = $1 AND mailbox IS NOT NULL"
+        " ORDER BY updated_at DESC LIMIT 1",
+        config_id,
+    )
+    if mailbox:
+        return mailbox
+    address: str | None = await pool.fetchval(
+        "SELECT lower(COALESCE(NULLIF(a.data->'employee'->>'calendar_address', ''),"
+        " a.data->'employee'->>'email')) FROM absences a"
+        " JOIN sync_configs c ON c.tenant = a.tenant"
+        " WHERE c.id = $1 AND NOT a.deleted ORDER BY a.received_at DESC LIMIT 1",
+        config_id,
+    )
+    return address
+
+
 async def reencrypt(pool: asyncpg.Pool, box: SecretBox) -> int:
     """Re-encrypt every stored secret with the first key (key rotation)."""
     count = 0
@@ -266,13 +306,13 @@ class ConsentRequest:
 
 _CONSENT_REQUEST = (
     "SELECT c.id, c.tenant FROM consent_states s JOIN sync_configs c ON c.id = s.config_id"
-    " WHERE s.state = $1 AND s.created_at > now() - interval '1 day'"
+    " WHERE s.state = $1 AND s.created_at > now() - $2::interval"
 )
 
 
 async def consent_request(pool: asyncpg.Pool, state: str) -> ConsentRequest | None:
     """The configuration a pending (unexpired) consent `state` was made for."""
-    row = await pool.fetchrow(_CONSENT_REQUEST, state)
+    row = await pool.fetchrow(_CONSENT_REQUEST, state, CONSENT_LIFETIME)
     return ConsentRequest(row["id"], row["tenant"]) if row else None
 
 
@@ -300,7 +340,8 @@ async def grant_consent(pool: asyncpg.Pool, state: str, tenant_id: str) -> str |
     tenant's configuration uses that directory."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", BINDING_LOCK)
-        request = await conn.fetchrow(_CONSENT_REQUEST + " FOR UPDATE OF s", state)
+        request = await conn.fetchrow(_CONSENT_REQUEST + " FOR UPDATE OF s", state,
+                                      CONSENT_LIFETIME)
         if request is None:
             return None
         if await _directory_taken(conn, tenant_id, request["tenant"]):
