@@ -36,10 +36,12 @@ async def ensure_topics(settings: Settings, bootstrap: str, *, create: bool = Tr
     admin = AIOKafkaAdminClient(**client_args(settings, bootstrap))
     try:
         await admin.start()
-    except KafkaError as exc:
+    except BaseException as exc:  # cancelled too: the connections opened so far are closed
         with contextlib.suppress(KafkaError):
             await admin.close()
-        raise broker_unreachable(bootstrap, exc) from exc
+        if isinstance(exc, KafkaError):
+            raise broker_unreachable(bootstrap, exc) from exc
+        raise
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -281,10 +283,22 @@ class Intake:
                 )
 
     async def stop(self) -> None:
-        """Leave the group and close the clients."""
-        if self.consumer is not None:
-            with contextlib.suppress(KafkaError):
-                await self.consumer.stop()
-        if self.producer is not None:
-            with contextlib.suppress(KafkaError):
-                await self.producer.stop()
+        """Close the producer (no batch is in flight any more), then leave the group
+        and close the consumer. The producer is closed first because leaving the
+        group may be cut short by the shutdown budget."""
+        try:
+            if self.producer is not None:
+                with contextlib.suppress(KafkaError):
+                    await self.producer.stop()
+        finally:
+            if self.consumer is not None:
+                try:
+                    with contextlib.suppress(KafkaError):
+                        await self.consumer.stop()
+                except asyncio.CancelledError:
+                    # the shutdown budget ran out while leaving the group: close the
+                    # connections anyway (the broker ends the membership after its
+                    # session timeout); aiokafka offers no public call for this
+                    with contextlib.suppress(Exception):
+                        await self.consumer._client.close()
+                    raise
