@@ -150,9 +150,11 @@ class Progress:
 class Summary:
     """The outcome of a resync.
 
-    `read` records were read (`invalid` of them unusable; `applied` newer
-    versions were recorded, or would have been in a dry run; `stale` changed
-    nothing; records of other tenants are read but neither). `in_scope` pairs
+    `read` records were read. Of those of the run's tenants, `applied` were
+    newer than the recorded version (recorded; in a dry run, would be),
+    `stale` changed nothing and `invalid` break the event contract (counted
+    only: the live intake dead-letters them), as do records whose tenant
+    cannot be read at all; other tenants' records are only read. `in_scope` pairs
     match the filters and are wanted; a real run `marked` them all (fewer
     only when a configuration was deleted meanwhile). `written`, `unchanged`
     and `failed` are those of the marked pairs, known only with `wait` (else
