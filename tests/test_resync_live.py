@@ -192,7 +192,7 @@ async def test_replaying_the_live_group_from_the_beginning_writes_nothing(
     committing them): the worker re-reads everything, every event is stale,
     and no calendar request is made."""
     await apply(pool, *configs())
-    topic = await publish(publisher, 600, seed=13)
+    topic = await publish(publisher, 300, seed=13)
     calendar = MemoryCalendar()
     async with worker(_roomy(settings), calendar=calendar):
         await wait_until(lambda: _synced(pool, len(topic.latest)), timeout=120)
