@@ -74,6 +74,11 @@ class ResyncError(Exception):
     fit to show to whoever asked."""
 
 
+class UnknownConfiguration(ResyncError):
+    """A configuration id that does not exist (for the request's tenant, when
+    it names one), or a tenant without configurations: a 404 for the API."""
+
+
 class ResyncConflict(ResyncError):
     """A configuration already has a running resync."""
 
@@ -222,7 +227,9 @@ async def resync(
 
     `provider_factory` replaces the providers of the dispatcher run with
     `wait` (tests); `lease_seconds` is how long the job blocks its
-    configurations after this process stops without closing it.
+    configurations after this process stops without closing it. `pool` needs
+    at least two connections (one holds the scan's snapshot while another
+    marks).
     """
     scope = await _resolve(pool, request)
     job_id = None if request.dry_run else await _begin(pool, request, scope, lease_seconds)
@@ -338,14 +345,14 @@ async def _resolve(pool: asyncpg.Pool, request: ResyncRequest) -> _Scope:
             stored = await store.get_config(pool, config_id)
             if stored is None or (request.tenant and stored.config.tenant != request.tenant):
                 where = f" for tenant {request.tenant!r}" if request.tenant else ""
-                raise ResyncError(f"no configuration with id {config_id!r}{where}")
+                raise UnknownConfiguration(f"no configuration with id {config_id!r}{where}")
             configs.append(stored.config)
     else:
         configs = [
             s.config for s in await store.list_configs(pool) if s.config.tenant == request.tenant
         ]
         if not configs:
-            raise ResyncError(f"tenant {request.tenant!r} has no sync configuration")
+            raise UnknownConfiguration(f"tenant {request.tenant!r} has no sync configuration")
     by_tenant: dict[str, list[SyncConfig]] = {}
     for config in configs:
         by_tenant.setdefault(config.tenant, []).append(config)

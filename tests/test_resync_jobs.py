@@ -5,6 +5,7 @@ line too), and no configuration blocked for long by a process that died."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -71,6 +72,9 @@ async def test_job_progress_and_one_resync_per_configuration(
         assert job.in_scope == job.marked == len(expected)
         assert (job.written, job.unchanged, job.failed, job.summary) == (0, 0, 0, None)
         assert job.request["config_ids"] == ["acme-all"] and job.request["wait"] is True
+        doc = json.loads(json.dumps(job.as_dict()))
+        assert doc["state"] == "running" and doc["marked"] == len(expected)
+        assert doc["config_ids"] == ["acme-all"] and doc["id"] == job_id
         # tenant isolation: another tenant's job is an unknown job
         assert await rs.get_job(pool, job_id, "globex") is None
         assert await rs.get_job(pool, "no-such-job", "acme") is None
@@ -92,6 +96,9 @@ async def test_job_progress_and_one_resync_per_configuration(
             pool, settings, bootstrap, rs.ResyncRequest(config_ids=("acme-all",), dry_run=True)
         )
         assert dry.in_scope == len(expected)
+        with pytest.raises(rs.UnknownConfiguration, match="'globex-all' for tenant 'acme'"):
+            await rs.start_job(pool, settings, bootstrap, rs.ResyncRequest(
+                tenant="acme", config_ids=("globex-all",)))
         with pytest.raises(rs.ResyncError, match="dry run"):
             await rs.start_job(pool, settings, bootstrap, rs.ResyncRequest(
                 tenant="acme", dry_run=True))

@@ -759,6 +759,18 @@ class ResyncJob:
     updated_at: dt.datetime
     finished_at: dt.datetime | None
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (timestamps in ISO 8601)."""
+        doc: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, dt.datetime):
+                value = value.isoformat()
+            elif isinstance(value, tuple):
+                value = list(value)
+            doc[name] = value
+        return doc
+
 
 _ABANDONED = (
     "abandoned: the process running it stopped before it finished (no heartbeat since "
