@@ -168,6 +168,7 @@ class Recorded:
     version: str | None = None
     user: str | None = None
     count: int = 0
+    delay: float = 0.0
 
 
 @dataclass
@@ -183,6 +184,7 @@ class Script:
     fault: str | None = None
     message: str = "scripted"
     back_off_ms: int | None = None
+    delay: float = 0.0
 
 
 @dataclass
@@ -265,6 +267,7 @@ class EwsServer:
     self_signed: bool = False
     mailboxes: set[str] = field(default_factory=set)
     impersonation_denied: set[str] = field(default_factory=set)
+    refuse_subjects: dict[str, str] = field(default_factory=dict)  # subject -> EWS error code
     items: dict[str, dict[str, Item]] = field(default_factory=lambda: defaultdict(dict))
     requests: list[Recorded] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -342,15 +345,17 @@ class EwsServer:
     def script(self, operation: str = "*", mailbox: str | None = None, *, times: int = 1,
                status: int | None = None, retry_after: str | None = None, after: bool = False,
                fault: str | None = None, message: str = "scripted",
-               back_off_ms: int | None = None) -> None:
+               back_off_ms: int | None = None, delay: float = 0.0) -> None:
         """The next `times` requests for `operation` ("*": any item operation; "auth":
         any request, refused with 401 before authentication) and `mailbox` (None: any)
         get: an HTTP `status` (after performing the operation when `after`), a SOAP
-        `fault`, or ErrorServerBusy with `back_off_ms`."""
+        `fault`, ErrorServerBusy with `back_off_ms`, or (alone) their normal answer
+        `delay` seconds late."""
         if back_off_ms is not None:
             fault = "ErrorServerBusy"
         self.scripts.append(Script(operation, mailbox.lower() if mailbox else None, times,
-                                   status, retry_after, after, fault, message, back_off_ms))
+                                   status, retry_after, after, fault, message, back_off_ms,
+                                   delay))
 
     def calendar(self, mailbox: str) -> list[Item]:
         return list(self.items.get(mailbox.lower(), {}).values())
@@ -396,6 +401,8 @@ class EwsServer:
             if self.latency:
                 await asyncio.sleep(self.latency)
             status, text, headers = self._soap(body, record, self.in_flight)
+            if record.delay:
+                await asyncio.sleep(record.delay)
         except Exception as exc:  # a bug in the fake must show, not hang a test
             record.codes.append("FakeServerBug")
             status, text, headers = 500, f"fake server bug: {exc!r}", {}
@@ -529,6 +536,8 @@ class EwsServer:
                     now = time.monotonic()
                     self.throttles.append((now, now + scripted.back_off_ms / 1000))
                 raise Fault(scripted.fault, scripted.message, values=values)
+            if scripted is not None:
+                record.delay = scripted.delay
             if scripted is not None and scripted.status is not None and not scripted.after:
                 return self._http(scripted, record)
             messages = self._operate(operation, operation_elem, impersonated, record)
@@ -852,6 +861,8 @@ class EwsServer:
             item.fields.pop(name, None)
 
     def _validate(self, item: Item) -> None:
+        if item.subject in self.refuse_subjects:
+            raise Refused(self.refuse_subjects[item.subject], "Refused for this test.")
         if len(item.subject) > 255:
             raise Refused("ErrorInvalidPropertyValue", "The subject is too long.")
         for key in ("Start", "End"):

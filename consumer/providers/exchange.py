@@ -46,6 +46,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import logging
 import ssl
 import threading
 import time
@@ -138,6 +139,9 @@ if TYPE_CHECKING:
     from consumer.settings import Settings
 
 log = logs.get("exchange")
+# exchangelib logs failed requests with their XML (subjects, addresses): the errors
+# leave this module translated instead, and never with an item's content
+logging.getLogger("exchangelib").setLevel(logging.CRITICAL)
 T = TypeVar("T")
 Kind = Literal["create", "update", "delete"]
 
@@ -322,8 +326,9 @@ def _hint_auth(where: _Where, *, locked_out: bool) -> str:
         if locked_out else ""
     )
     return lead + (
-        f"Exchange ({where.host}) refused the service account's credentials (HTTP 401): check "
-        "exchange.username (DOMAIN\\user or user@domain), the password, that the account is "
+        f"Exchange ({where.host}) refused the credentials of the service account "
+        f"{where.username} (HTTP 401): check exchange.username (DOMAIN\\user or "
+        "user@domain), the password, that the account is "
         "enabled and its password not expired, and that exchange.auth (ntlm or basic) is "
         "enabled on the EWS virtual directory."
     )
@@ -388,6 +393,12 @@ def translate_error(exc: BaseException, where: _Where) -> ProviderError:
     if isinstance(cause, ErrorQuotaExceeded):
         return ProviderError(PROVIDER_ERROR, f"{prefix}{name}: {_short(cause)}", retriable=False,
                              hint=f"The mailbox {where.mailbox} is over its storage quota.")
+    if isinstance(cause, PermissionError):  # requests_ntlm: the server offered no challenge
+        return ProviderError(
+            AUTH_FAILED, f"{prefix}NTLM sign-in refused: {_short(cause)}", retriable=False,
+            hint=_hint_auth(where, locked_out=False) + " The server did not take part in the "
+            "NTLM handshake: if only basic authentication is enabled, set exchange.auth: basic.",
+        )
     if isinstance(cause, requests.Timeout | TimeoutError):
         return ProviderError(
             SERVER_UNREACHABLE, f"{prefix}the request to {where.host} timed out", retriable=True,
