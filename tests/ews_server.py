@@ -34,7 +34,8 @@ provider depends on it:
 Everything is recorded for assertions: the items per mailbox (`items`), each
 request (`requests`: operation, mailbox, HTTP status, response codes,
 requested version, user), requests in flight, the back-off windows the server
-announced and the requests that arrived inside one (`early`), and
+announced for a mailbox and the requests for it that arrived inside one
+(`early`), and
 `anomalies`: what real Exchange would accept but the product must never send
 (reminders, attendees, a body, invitations, non-midnight all-day bounds).
 """
@@ -51,6 +52,7 @@ import os
 import secrets
 import socket
 import ssl
+import tempfile
 import time
 import weakref
 import zoneinfo
@@ -231,6 +233,22 @@ def _when(text: str) -> dt.datetime:
     return value
 
 
+_NTLM_USERS = Path(tempfile.mkdtemp(prefix="ews-ntlm-")) / "users"
+
+
+def _register_ntlm_account(domain: str, user: str, upn: str, password: str) -> None:
+    """pyspnego's NTLM acceptor reads the accounts it may authenticate from the file
+    named by NTLM_USER_FILE: one file for the process, holding every server's account
+    (the first line for a user wins)."""
+    lines = [f"{domain}:{user}:{password}", f":{upn}:{password}"]
+    known = _NTLM_USERS.read_text(encoding="utf-8").splitlines() if _NTLM_USERS.exists() else []
+    with _NTLM_USERS.open("a", encoding="utf-8") as handle:
+        for line in lines:
+            if line not in known:
+                handle.write(line + "\n")
+    os.environ["NTLM_USER_FILE"] = str(_NTLM_USERS)
+
+
 def _self_signed(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "exchange.acme.test")])
@@ -278,7 +296,7 @@ class EwsServer:
     busy_back_off_ms: int = 200
     in_flight: int = 0
     max_in_flight: int = 0
-    throttles: list[tuple[float, float]] = field(default_factory=list)
+    throttles: list[tuple[str | None, float, float]] = field(default_factory=list)
     early: list[Recorded] = field(default_factory=list)
     handshakes: int = 0
     ca: trustme.CA = field(default_factory=trustme.CA)
@@ -288,7 +306,6 @@ class EwsServer:
         default_factory=weakref.WeakKeyDictionary
     )
     _runner: web.AppRunner | None = None
-    _old_user_file: str | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -302,14 +319,7 @@ class EwsServer:
             self.ca_path = directory / "ews-ca.pem"
             self.ca.cert_pem.write_to_path(str(self.ca_path))
             self.ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_ssl)
-        # the NTLM acceptor reads the accounts it may authenticate from NTLM_USER_FILE
-        users = directory / "ntlm-users"
-        users.write_text(
-            f"{self.domain}:{self.user}:{self.password}\n:{self.upn}:{self.password}\n",
-            encoding="utf-8",
-        )
-        self._old_user_file = os.environ.get("NTLM_USER_FILE")
-        os.environ["NTLM_USER_FILE"] = str(users)
+        _register_ntlm_account(self.domain, self.user, self.upn, self.password)
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -322,10 +332,6 @@ class EwsServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._old_user_file is None:
-            os.environ.pop("NTLM_USER_FILE", None)
-        else:
-            os.environ["NTLM_USER_FILE"] = self._old_user_file
 
     @property
     def url(self) -> str:
@@ -391,10 +397,6 @@ class EwsServer:
             return refusal
         record = Recorded(time.monotonic(), "?", user=user)
         self.requests.append(record)
-        for sent, until in self.throttles:
-            if sent <= record.at < until:
-                self.early.append(record)
-                break
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -520,6 +522,10 @@ class EwsServer:
                 impersonated = (sid[0].text or "").strip().lower()
         record.version = requested
         record.mailbox = impersonated
+        for mailbox, sent, until in self.throttles:
+            if mailbox in (None, impersonated) and sent <= record.at < until:
+                self.early.append(record)
+                break
         try:
             self._check_version(requested, operation_elem)
             if impersonated is not None:
@@ -534,7 +540,7 @@ class EwsServer:
                 if scripted.back_off_ms is not None:
                     values["BackOffMilliseconds"] = str(scripted.back_off_ms)
                     now = time.monotonic()
-                    self.throttles.append((now, now + scripted.back_off_ms / 1000))
+                    self.throttles.append((impersonated, now, now + scripted.back_off_ms / 1000))
                 raise Fault(scripted.fault, scripted.message, values=values)
             if scripted is not None:
                 record.delay = scripted.delay
