@@ -283,6 +283,7 @@ class EwsServer:
     upn: str = "svc-absence@acme.test"
     password: str = "Correct-Horse-9"
     self_signed: bool = False
+    convert_id: bool = True  # False: a server that refuses exchangelib's version probe
     mailboxes: set[str] = field(default_factory=set)
     impersonation_denied: set[str] = field(default_factory=set)
     refuse_subjects: dict[str, str] = field(default_factory=dict)  # subject -> EWS error code
@@ -637,6 +638,8 @@ class EwsServer:
     # ------------------------------------------------------------- operations
 
     def _operate(self, operation: str, elem: Any, mailbox: str | None, record: Recorded) -> str:
+        if operation == "ConvertId" and not self.convert_id:
+            raise Fault("ErrorInvalidRequest", "The request is invalid.")
         if operation == "ConvertId":
             sources = elem.find(q(M, "SourceIds"))
             count = len(sources) if sources is not None else 0

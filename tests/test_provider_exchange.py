@@ -616,3 +616,28 @@ async def test_exchange_online_url_is_warned_about(ews: EwsServer) -> None:
     finally:
         await provider.close()
     assert "microsoft365" in warning and "Exchange Online" in warning
+
+
+@pytest.mark.parametrize(("version", "status"), [("2010", "Free"), ("2019", "WorkingElsewhere")])
+async def test_a_server_refusing_the_version_probe_is_learnt_from_its_answers(
+    tmp_path: Path, version: str, status: str
+) -> None:
+    server = await started(tmp_path / version, version=version, convert_id=False)
+    provider = make_provider(server)
+    box = server.add_mailbox("jane@acme.test")
+    try:
+        event_id = await provider.create(desired(box, show_as="workingElsewhere"),
+                                         transaction_id="t-learn")
+        assert [i.free_busy for i in server.calendar(box)] == [status]
+        await provider.delete(box, event_id)  # SuppressReadReceipts only where it exists
+        warnings = provider.warnings
+    finally:
+        await provider.close()
+        await server.stop()
+    assert server.calendar(box) == []
+    assert [r.operation for r in server.requests if r.status == 200] == [
+        "FindItem", "CreateItem", "DeleteItem"
+    ]
+    created = next(r for r in server.requests if r.operation == "CreateItem")
+    assert created.status == 200
+    assert bool(warnings) is (version == "2010")

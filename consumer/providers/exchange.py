@@ -113,7 +113,7 @@ from exchangelib.protocol import FailFast, Protocol
 from exchangelib.services import CreateItem, DeleteItem, UpdateItem
 from exchangelib.transport import DEFAULT_HEADERS
 from exchangelib.util import is_xml
-from exchangelib.version import EXCHANGE_2013, EXCHANGE_2016, Version
+from exchangelib.version import EXCHANGE_2010_SP2, EXCHANGE_2013, EXCHANGE_2016, Version
 
 from consumer import logs
 from consumer.config import config_warnings
@@ -164,9 +164,10 @@ _LEGACY_FREE_BUSY = {
     "oof": "OOF",
     "workingElsewhere": "WorkingElsewhere",
 }
-# exchangelib keeps the last request server version it tried when the server does
-# not report one; this is what is assumed until a response says otherwise
-_PROVISIONAL_VERSION = Version(build=EXCHANGE_2016, api_version="Exchange2016")
+# what is assumed when the version probe gets no version from a server that
+# answers: every server from Exchange 2010 SP2 on accepts it, and the first item
+# request's answer then tells the real version
+_PROVISIONAL_VERSION = Version(build=EXCHANGE_2010_SP2, api_version="Exchange2010_SP2")
 _UPDATED_FIELDS = (
     "subject", "legacy_free_busy_status", "is_all_day", "start", "end", "sensitivity",
     "categories", "reminder_is_set", "is_response_requested", MARK_FIELD,
@@ -683,6 +684,7 @@ class ExchangeProvider(Provider):
         self._static_warnings = tuple(static_warnings)
         self._version_warning: str | None = None
         self._version_seen: Version | None = None
+        self._provisional = False
         self._lock = threading.Lock()
         self._config = Configuration(
             credentials=_Credentials(username, password),
@@ -984,8 +986,8 @@ class ExchangeProvider(Provider):
                 self._accounts.popitem(last=False)
         return account
 
-    def _server_version(self) -> Version:
-        """The server's version: probed once (exchangelib caches it on the protocol)."""
+    def _server_version(self) -> None:
+        """Probe the server's version once (exchangelib caches it on the protocol)."""
         try:
             version: Version = self._protocol.version
         except TransportError as exc:
@@ -994,17 +996,17 @@ class ExchangeProvider(Provider):
                 for e in _chain(exc)
             ):
                 raise
-            # the server answers but reports no version: assume a current one, and
-            # take what later responses report
+            # the server answers the probe but reports no version: assume an old one
+            # and learn the real one from the next answer (`_with_account`)
             with self._lock:
                 if not self._config.version or not self._config.version.build:
                     self._config.version = _PROVISIONAL_VERSION.copy()
-            version = self._config.version
+                    self._provisional = True
+            return
         self._note_version(version)
-        return version
 
     def _note_version(self, version: Version | None) -> None:
-        if version is None or version.build is None:
+        if version is None or version.build is None or version.build == _PROVISIONAL_VERSION.build:
             return
         with self._lock:
             seen = self._version_seen
@@ -1034,6 +1036,19 @@ class ExchangeProvider(Provider):
                 id=Calendar.DISTINGUISHED_FOLDER_ID, mailbox=Mailbox(email_address=mailbox)
             ),
         )
+        if self._provisional:
+            # one FindItem: its answer's ServerVersionInfo is the server's version
+            for _ in FolderCollection(account=account, folders=[calendar]).find_items(
+                Q(), shape=ID_ONLY, depth=SHALLOW, max_items=1, page_size=1
+            ):
+                pass
+            self._provisional = False
+            learned = account.version
+            if learned.build is not None and learned.build != _PROVISIONAL_VERSION.build:
+                with contextlib.suppress(ValueError):  # the newest API that build speaks
+                    learned = Version(build=learned.build)
+                account.version = learned
+                self._note_version(learned)
         try:
             return work(account, calendar)
         finally:
