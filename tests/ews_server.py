@@ -187,6 +187,7 @@ class Script:
     message: str = "scripted"
     back_off_ms: int | None = None
     delay: float = 0.0
+    per_item: bool = False
 
 
 @dataclass
@@ -352,17 +353,18 @@ class EwsServer:
     def script(self, operation: str = "*", mailbox: str | None = None, *, times: int = 1,
                status: int | None = None, retry_after: str | None = None, after: bool = False,
                fault: str | None = None, message: str = "scripted",
-               back_off_ms: int | None = None, delay: float = 0.0) -> None:
+               back_off_ms: int | None = None, delay: float = 0.0,
+               per_item: bool = False) -> None:
         """The next `times` requests for `operation` ("*": any item operation; "auth":
         any request, refused with 401 before authentication) and `mailbox` (None: any)
         get: an HTTP `status` (after performing the operation when `after`), a SOAP
-        `fault`, ErrorServerBusy with `back_off_ms`, or (alone) their normal answer
-        `delay` seconds late."""
+        `fault`, ErrorServerBusy with `back_off_ms` (as a fault, or with `per_item` as
+        every item's error), or (alone) their normal answer `delay` seconds late."""
         if back_off_ms is not None:
             fault = "ErrorServerBusy"
         self.scripts.append(Script(operation, mailbox.lower() if mailbox else None, times,
                                    status, retry_after, after, fault, message, back_off_ms,
-                                   delay))
+                                   delay, per_item))
 
     def calendar(self, mailbox: str) -> list[Item]:
         return list(self.items.get(mailbox.lower(), {}).values())
@@ -542,6 +544,16 @@ class EwsServer:
                     values["BackOffMilliseconds"] = str(scripted.back_off_ms)
                     now = time.monotonic()
                     self.throttles.append((impersonated, now, now + scripted.back_off_ms / 1000))
+                if scripted.per_item:
+                    count = sum(1 for e in operation_elem.iter() if local(e.tag) in (
+                        "CalendarItem", "ItemChange", "ItemId",
+                    ) and local(e.getparent().tag) in ("Items", "ItemChanges", "ItemIds"))
+                    refused = Refused(scripted.fault, scripted.message)
+                    record.codes.extend([scripted.fault] * count)
+                    return 200, self._envelope(operation, "".join(
+                        self._message(operation, error=refused, values=values)
+                        for _ in range(count)
+                    )), {}
                 raise Fault(scripted.fault, scripted.message, values=values)
             if scripted is not None:
                 record.delay = scripted.delay
@@ -622,13 +634,20 @@ class EwsServer:
         return 500, text, {}
 
     @staticmethod
-    def _message(operation: str, content: str = "", error: Refused | None = None) -> str:
+    def _message(operation: str, content: str = "", error: Refused | None = None,
+                 values: dict[str, str] | None = None) -> str:
         tag = f"m:{operation}ResponseMessage"
         if error is not None:
+            xml = "".join(
+                f"<t:Value Name={quoteattr(k)}>{escape(v)}</t:Value>"
+                for k, v in (values or {}).items()
+            )
             return (
                 f'<{tag} ResponseClass="Error"><m:MessageText>{escape(error.message)}'
                 f"</m:MessageText><m:ResponseCode>{error.code}</m:ResponseCode>"
-                f"<m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>{content}</{tag}>"
+                f"<m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>"
+                + (f"<m:MessageXml>{xml}</m:MessageXml>" if xml else "")
+                + f"{content}</{tag}>"
             )
         return (
             f'<{tag} ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode>'

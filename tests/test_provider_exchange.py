@@ -351,6 +351,38 @@ async def test_http_401_is_auth_failed(ews: EwsServer, auth: str) -> None:
     assert (error.code, error.retriable) == (AUTH_FAILED, False)
 
 
+@pytest.mark.parametrize(("offered", "auth", "chosen"), [
+    (("ntlm", "basic"), None, "ntlm"), (("basic",), None, "basic"), (("ntlm",), None, "ntlm"),
+    (("ntlm", "basic"), "basic", "basic"),
+])
+async def test_without_auth_ntlm_is_used_unless_the_server_offers_basic_only(
+    tmp_path: Path, offered: tuple[str, ...], auth: str | None, chosen: str
+) -> None:
+    server = await started(tmp_path / "auth", auth=offered)
+    provider = make_provider(server, auth=auth)
+    box = server.add_mailbox("jane@acme.test")
+    try:
+        await provider.create(desired(box), transaction_id="t-auth")
+    finally:
+        await provider.close()
+        await server.stop()
+    assert len(server.calendar(box)) == 1
+    assert (server.handshakes > 0) is (chosen == "ntlm")
+
+
+async def test_ntlm_against_a_basic_only_server_says_so(tmp_path: Path) -> None:
+    server = await started(tmp_path / "basic-only", auth=("basic",))
+    provider = make_provider(server, auth="ntlm")
+    try:
+        error = await failure(provider.create(desired(server.add_mailbox("jane@acme.test")),
+                                              transaction_id="t-ntlm"))
+    finally:
+        await provider.close()
+        await server.stop()
+    assert error.code == AUTH_FAILED
+    assert "exchange.auth: basic" in error.hint
+
+
 async def test_ntlm_signs_in_once_per_connection(ews: EwsServer) -> None:
     provider = make_provider(ews, auth="ntlm")
     box = new_mailbox(ews)
@@ -390,6 +422,19 @@ async def test_server_busy_is_throttled_and_its_back_off_is_honoured(
     assert time.monotonic() - started_at >= 1.4
     assert not ews.early
     assert len(ews.calendar(box)) == 1
+
+
+async def test_server_busy_for_each_item_keeps_its_back_off(
+    ews: EwsServer, exchange: ExchangeProvider
+) -> None:
+    box = new_mailbox(ews)
+    ews.script("CreateItem", box, back_off_ms=800, per_item=True)
+    errors = await asyncio.gather(*(
+        failure(exchange.create(desired(box, f"abs-{n}"), transaction_id=f"t-pi-{n}"))
+        for n in range(3)
+    ))
+    assert {(e.code, e.retry_after) for e in errors} == {(THROTTLED, 0.8)}
+    assert ews.operations(box) == {"CreateItem": 1}  # a refusal: nothing to look up
 
 
 async def test_a_back_off_longer_than_the_timeout_fails_later_calls_without_requests(

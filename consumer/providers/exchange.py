@@ -6,8 +6,9 @@ service account. What callers may rely on:
 * The EWS URL is the configured one (https only; no autodiscover). TLS is
   verified with the provider's SSL context (system store plus
   ABSENCE_SYNC_CA_BUNDLE); no proxy and no CA bundle is taken from the
-  environment. The service account signs in with NTLM (default) or basic
-  authentication and acts on each employee's mailbox through EWS
+  environment. The service account signs in with NTLM or basic authentication
+  (`auth`; without it, NTLM unless the server offers basic only, learnt from one
+  unauthenticated request) and acts on each employee's mailbox through EWS
   impersonation (`ExchangeImpersonation`, the target being
   `DesiredEvent.mailbox`), which needs the ApplicationImpersonation role.
 * exchangelib is blocking: every exchangelib call runs on this provider's
@@ -112,7 +113,7 @@ from exchangelib.properties import DistinguishedFolderId, ItemId, Mailbox
 from exchangelib.protocol import FailFast, Protocol
 from exchangelib.services import CreateItem, DeleteItem, UpdateItem
 from exchangelib.transport import DEFAULT_HEADERS
-from exchangelib.util import is_xml
+from exchangelib.util import TNS, is_xml
 from exchangelib.version import EXCHANGE_2010_SP2, EXCHANGE_2013, EXCHANGE_2016, Version
 
 from consumer import logs
@@ -211,12 +212,13 @@ class HttpStatusError(Exception):
     """EWS answered with an HTTP status that carries no SOAP message (401, 503, 404...)."""
 
     def __init__(self, status: int, *, retry_after: float | None = None, location: str = "",
-                 locked_out: bool = False) -> None:
+                 locked_out: bool = False, offered: str = "") -> None:
         super().__init__(f"HTTP {status}" + (f" (redirect to {location})" if location else ""))
         self.status = status
         self.retry_after = retry_after
         self.location = location
         self.locked_out = locked_out
+        self.offered = offered.lower()  # WWW-Authenticate of a 401
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -299,6 +301,7 @@ class _Where:
     host: str
     username: str
     mailbox: str | None = None
+    auth: str = NTLM
 
 
 def _hint_mailbox(mailbox: str | None) -> str:
@@ -434,8 +437,12 @@ def translate_error(exc: BaseException, where: _Where) -> ProviderError:
 def _http_error(error: HttpStatusError, where: _Where, prefix: str) -> ProviderError:
     status, detail = error.status, f"{prefix}{error}"
     if status == 401:
-        return ProviderError(AUTH_FAILED, detail, retriable=False,
-                             hint=_hint_auth(where, locked_out=error.locked_out))
+        hint = _hint_auth(where, locked_out=error.locked_out)
+        if where.auth == NTLM and "basic" in error.offered and "ntlm" not in error.offered:
+            hint += " The server offers basic authentication only: set exchange.auth: basic."
+        if where.auth == BASIC and "basic" not in error.offered and "ntlm" in error.offered:
+            hint += " The server does not offer basic authentication: set exchange.auth: ntlm."
+        return ProviderError(AUTH_FAILED, detail, retriable=False, hint=hint)
     if status == 403:
         return ProviderError(
             ACCESS_DENIED, detail, retriable=False,
@@ -492,6 +499,7 @@ class _FailFastPolicy(FailFast):  # type: ignore[misc]
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             location=response.headers.get("Location", "")[:200],
             locked_out=b"currently locked out" in (response.content or b""),
+            offered=response.headers.get("WWW-Authenticate", "")[:200],
         )
 
 
@@ -552,9 +560,22 @@ class _Protocol(Protocol):  # type: ignore[misc]
 
 class _PerItemErrors:
     """Bulk services that return every per-item error instead of raising most of them
-    (exchangelib raises all but a few, losing the results of the other items)."""
+    (exchangelib raises all but a few, losing the results of the other items), and
+    keep the BackOffMilliseconds of a per-item ErrorServerBusy."""
 
     ERRORS_TO_CATCH_IN_RESPONSE = (ResponseMessageError, *CreateItem.ERRORS_TO_CATCH_IN_RESPONSE)
+
+    @staticmethod
+    def _get_exception(code: str, text: str, msg_xml: Any = None,
+                       rule_errors: Any = None) -> Exception:
+        error: Exception
+        if code == "ErrorServerBusy" and msg_xml is not None:
+            for value in msg_xml.findall(f"{{{TNS}}}Value"):
+                if value.get("Name") == "BackOffMilliseconds" and (value.text or "").isdigit():
+                    error = ErrorServerBusy(text, back_off=int(value.text) / 1000)
+                    return error
+        error = CreateItem._get_exception(code, text, msg_xml, rule_errors)
+        return error
 
 
 class _CreateItems(_PerItemErrors, CreateItem):  # type: ignore[misc]
@@ -668,7 +689,7 @@ class ExchangeProvider(Provider):
         url: str,
         username: str,
         password: str,
-        auth: str = "ntlm",
+        auth: str | None = None,
         config_id: str = "CONFIG_ID",
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = MAX_CONNECTIONS,
@@ -685,11 +706,12 @@ class ExchangeProvider(Provider):
         self._version_warning: str | None = None
         self._version_seen: Version | None = None
         self._provisional = False
+        self._auth_chosen = auth is not None
         self._lock = threading.Lock()
         self._config = Configuration(
             credentials=_Credentials(username, password),
             service_endpoint=url,
-            auth_type=BASIC if auth == "basic" else NTLM,
+            auth_type=BASIC if auth == "basic" else NTLM,  # None: chosen by `_choose_auth`
             retry_policy=_FailFastPolicy(),
             max_connections=self.max_connections,
         )
@@ -727,7 +749,7 @@ class ExchangeProvider(Provider):
             url=str(url),
             username=str(username),
             password=str(password),
-            auth=str(block.get("auth", "ntlm")).lower(),
+            auth=str(block["auth"]).lower() if block.get("auth") else None,
             config_id=config.id,
             ssl_context=context.ssl_context,
             max_connections=int(block.get("max_connections", MAX_CONNECTIONS)),
@@ -793,7 +815,7 @@ class ExchangeProvider(Provider):
     # ------------------------------------------------------------------ scheduling
 
     def _where(self, mailbox: str | None = None) -> _Where:
-        return _Where(self._host, self.username, mailbox)
+        return _Where(self._host, self.username, mailbox, self._config.auth_type)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -986,8 +1008,26 @@ class ExchangeProvider(Provider):
                 self._accounts.popitem(last=False)
         return account
 
+    def _choose_auth(self) -> None:
+        """Without `auth` in the configuration: NTLM, unless the server offers only basic
+        authentication (one unauthenticated request, before the first session)."""
+        with self._lock:
+            if self._auth_chosen:
+                return
+            with self._protocol.raw_session(self.url) as session:
+                response = session.post(self.url, data=b"", allow_redirects=False,
+                                        timeout=self.timeout)
+                response.close()
+            offered = response.headers.get("WWW-Authenticate", "").lower()
+            if "basic" in offered and "ntlm" not in offered and "negotiate" not in offered:
+                self._config.auth_type = BASIC
+            self._auth_chosen = True
+        log.info("exchange authentication", config=self.config_id, host=self._host,
+                 auth=self._config.auth_type)
+
     def _server_version(self) -> None:
         """Probe the server's version once (exchangelib caches it on the protocol)."""
+        self._choose_auth()
         try:
             version: Version = self._protocol.version
         except TransportError as exc:
