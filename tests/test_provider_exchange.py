@@ -686,3 +686,24 @@ async def test_a_server_refusing_the_version_probe_is_learnt_from_its_answers(
     created = next(r for r in server.requests if r.operation == "CreateItem")
     assert created.status == 200
     assert bool(warnings) is (version == "2010")
+
+
+async def test_closing_fails_calls_in_flight_as_retriable(ews: EwsServer) -> None:
+    provider = make_provider(ews)
+    box = new_mailbox(ews)
+    await provider.find(box, Mark("cfg-1", "abs-1"))  # probed and connected
+    ews.script("CreateItem", box, delay=2.0)
+    call = asyncio.create_task(provider.create(desired(box), transaction_id="t-close"))
+
+    async def sent() -> bool:
+        return ews.operations(box)["CreateItem"] == 1
+
+    deadline = time.monotonic() + 5
+    while not await sent():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await provider.close()
+    error = await failure(asyncio.wait_for(call, 1.0))
+    assert (error.code, error.retriable) == (PROVIDER_ERROR, True)
+    later = await failure(provider.delete(box, "some-id"))
+    assert later.retriable is True

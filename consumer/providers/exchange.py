@@ -674,7 +674,8 @@ class _Op:
 @dataclass
 class _Queue:
     mailbox: str
-    ops: list[_Op] = field(default_factory=list)
+    ops: list[_Op] = field(default_factory=list)  # waiting
+    sending: list[_Op] = field(default_factory=list)  # in the request in flight
 
 
 class ExchangeProvider(Provider):
@@ -787,13 +788,10 @@ class ExchangeProvider(Provider):
         self._check_usable()
         loop = asyncio.get_running_loop()
         await self._wait_until_allowed(loop.time() + self.timeout)
-        where = self._where(mailbox)
         try:
-            found = await loop.run_in_executor(
-                self._executor, self._find_blocking, mailbox, [mark.value]
-            )
+            found = await self._run(self._find_blocking, mailbox, [mark.value])
         except Exception as exc:
-            raise self._failed(translate_error(exc, where)) from exc
+            raise self._failed(translate_error(exc, self._where(mailbox))) from exc
         return found.get(mark.value, [])
 
     async def close(self) -> None:
@@ -837,6 +835,16 @@ class ExchangeProvider(Provider):
         if provider_wide:
             self._failure = (now + FAILURE_MEMORY, error)
         return error
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the provider's threads."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError:
+            if self._closed:  # the pool was shut down meanwhile
+                raise ProviderError(PROVIDER_ERROR, "the provider was closed",
+                                    retriable=True) from None
+            raise
 
     async def _wait_until_allowed(self, deadline: float) -> None:
         """Honour the server's back-off; fail with `throttled` if it outlasts `deadline`
@@ -883,19 +891,23 @@ class ExchangeProvider(Provider):
                 kind = queue.ops[0].kind
                 batch = [op for op in queue.ops if op.kind == kind][:MAX_BATCH]
                 queue.ops = [op for op in queue.ops if all(op is not b for b in batch)]
+                queue.sending = batch
                 await self._send(queue.mailbox, kind, batch)
+                queue.sending = []
         except asyncio.CancelledError:
-            closing = ProviderError(PROVIDER_ERROR, "the request was cancelled", retriable=True)
-            for op in queue.ops:
+            # a create in flight may land: the caller's retry looks for its mark first
+            closing = ProviderError(PROVIDER_ERROR, "the provider was closed", retriable=True)
+            for op in queue.sending + queue.ops:
                 _fail(op, _copy(closing))
             raise
         except Exception as exc:
             log.exception("exchange dispatch failed", config=self.config_id)
             error = translate_error(exc, self._where(queue.mailbox))
-            for op in queue.ops:
+            for op in queue.sending + queue.ops:
                 _fail(op, _copy(error))
         finally:
             queue.ops.clear()
+            queue.sending = []
             if self._queues.get(key) is queue:
                 del self._queues[key]
 
@@ -917,13 +929,11 @@ class ExchangeProvider(Provider):
             await asyncio.sleep(remaining)
 
     async def _send(self, mailbox: str, kind: Kind, batch: list[_Op]) -> None:
-        loop = asyncio.get_running_loop()
         where = self._where(mailbox)
         results: list[Any]
         try:
-            results = await loop.run_in_executor(
-                self._executor, self._bulk_blocking, mailbox, kind,
-                [(op.event, op.event_id) for op in batch],
+            results = await self._run(
+                self._bulk_blocking, mailbox, kind, [(op.event, op.event_id) for op in batch]
             )
         except Exception as exc:  # noqa: BLE001 - the whole request failed: each item shares it
             results = [exc] * len(batch)
@@ -966,9 +976,10 @@ class ExchangeProvider(Provider):
                                 ) -> None:
         """Creates that may have been stored: look for their marks before any retry."""
         marks = [op.event.mark.value for op, _ in in_doubt if op.event is not None]
-        loop = asyncio.get_running_loop()
         try:
-            found = await loop.run_in_executor(self._executor, self._find_blocking, mailbox, marks)
+            found: dict[str, list[str]] | None = await self._run(
+                self._find_blocking, mailbox, marks
+            )
         except Exception:  # noqa: BLE001 - unresolved: the caller retries, the dispatcher adopts
             found = None
         extras: list[str] = []
@@ -984,8 +995,8 @@ class ExchangeProvider(Provider):
             extras.extend(ids[1:])
         if extras:  # one item per mark: drop doubles a crash may have left
             with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, self._bulk_blocking, mailbox, "delete",
-                                           [(None, extra) for extra in extras])
+                await self._run(self._bulk_blocking, mailbox, "delete",
+                                [(None, extra) for extra in extras])
 
     # ------------------------------------------------------------------ threads
 
