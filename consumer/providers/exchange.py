@@ -14,8 +14,8 @@ service account. What callers may rely on:
 * exchangelib is blocking: every exchangelib call runs on this provider's
   thread pool (`max_connections` threads, one HTTP connection each), never
   on the event loop. exchangelib's own waiting is switched off: its retry
-  policy fails fast, HTTP statuses other than 200 (and SOAP faults sent as
-  500) are turned into `HttpStatusError` before exchangelib can read a 401 as
+  policy fails fast, HTTP answers other than a 200 or a 500 carrying a SOAP
+  fault become `HttpStatusError` before exchangelib can read a 401 as
   throttling, and its session pool never shrinks (`decrease_poolsize` under
   load deadlocks exchangelib 5.6 when several connections are busy). All
   waiting happens here, bounded by the request timeout.
