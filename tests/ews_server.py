@@ -285,6 +285,7 @@ class EwsServer:
     password: str = "Correct-Horse-9"
     self_signed: bool = False
     convert_id: bool = True  # False: a server that refuses exchangelib's version probe
+    announce: bool = True  # False: a 401 names no scheme (WWW-Authenticate missing)
     mailboxes: set[str] = field(default_factory=set)
     impersonation_denied: set[str] = field(default_factory=set)
     refuse_subjects: dict[str, str] = field(default_factory=dict)  # subject -> EWS error code
@@ -421,9 +422,9 @@ class EwsServer:
 
     def _challenge(self, token: str | None = None) -> web.Response:
         headers: list[tuple[str, str]] = []
-        if token is not None:
+        if self.announce and token is not None:
             headers.append(("WWW-Authenticate", f"NTLM {token}"))
-        else:
+        elif self.announce:
             if "ntlm" in self.auth:
                 headers.append(("WWW-Authenticate", "NTLM"))
             if "basic" in self.auth:

@@ -351,14 +351,15 @@ async def test_http_401_is_auth_failed(ews: EwsServer, auth: str) -> None:
     assert (error.code, error.retriable) == (AUTH_FAILED, False)
 
 
-@pytest.mark.parametrize(("offered", "auth", "chosen"), [
-    (("ntlm", "basic"), None, "ntlm"), (("basic",), None, "basic"), (("ntlm",), None, "ntlm"),
-    (("ntlm", "basic"), "basic", "basic"),
+@pytest.mark.parametrize(("offered", "announce", "auth", "chosen"), [
+    (("ntlm", "basic"), True, None, "ntlm"), (("basic",), True, None, "basic"),
+    (("ntlm",), True, None, "ntlm"), (("ntlm", "basic"), True, "basic", "basic"),
+    (("basic",), False, None, "basic"),
 ])
-async def test_without_auth_ntlm_is_used_unless_the_server_offers_basic_only(
-    tmp_path: Path, offered: tuple[str, ...], auth: str | None, chosen: str
+async def test_without_auth_ntlm_is_used_unless_the_server_does_not_offer_it(
+    tmp_path: Path, offered: tuple[str, ...], announce: bool, auth: str | None, chosen: str
 ) -> None:
-    server = await started(tmp_path / "auth", auth=offered)
+    server = await started(tmp_path / "auth", auth=offered, announce=announce)
     provider = make_provider(server, auth=auth)
     box = server.add_mailbox("jane@acme.test")
     try:

@@ -1020,8 +1020,8 @@ class ExchangeProvider(Provider):
         return account
 
     def _choose_auth(self) -> None:
-        """Without `auth` in the configuration: NTLM, unless the server offers only basic
-        authentication (one unauthenticated request, before the first session)."""
+        """Without `auth` in the configuration: NTLM, unless the server's 401 does not
+        offer it (one unauthenticated request, before the first session)."""
         with self._lock:
             if self._auth_chosen:
                 return
@@ -1030,7 +1030,10 @@ class ExchangeProvider(Provider):
                                         timeout=self.timeout)
                 response.close()
             offered = response.headers.get("WWW-Authenticate", "").lower()
-            if "basic" in offered and "ntlm" not in offered and "negotiate" not in offered:
+            # NTLM needs the server to offer it; a 401 that does not cannot be NTLM
+            if response.status_code == 401 and "ntlm" not in offered and (
+                "negotiate" not in offered
+            ):
                 self._config.auth_type = BASIC
             self._auth_chosen = True
         log.info("exchange authentication", config=self.config_id, host=self._host,
