@@ -402,3 +402,51 @@ async def test_error_codes_and_hints_land_in_the_sync_state(e2e: E2E, tmp_path: 
     assert "exchange server out of support" in log
     assert "not-the-password" not in log and e2e.ews.password not in log
     assert rogue.requests == []
+
+
+# ---------------------------------------------------------------- 4. crash
+
+
+async def test_sigkill_mid_way_leaves_exactly_one_item_per_absence(e2e: E2E) -> None:
+    """EWS has no idempotency key: the items a killed worker wrote without recording
+    them are found again by their mark and adopted, never written twice."""
+    await e2e.apply("syncs:" + syncs(e2e.ews))
+    boxes = [e2e.mailbox(f"crash{n}") for n in range(8)]
+    docs = [
+        absence(f"a-{n:03}", 1, boxes[n % len(boxes)],
+                start=(f"2027-02-{n % 28 + 1:02}", "am"), end=(f"2027-02-{n % 28 + 1:02}", "pm"))
+        for n in range(160)
+    ]
+    await e2e.publish(docs)
+    e2e.ews.latency = 0.1
+    env = {"ABSENCE_SYNC_REQUEST_TIMEOUT_SECONDS": "3", "ABSENCE_SYNC_LEASE_SECONDS": "7"}
+
+    def written() -> int:
+        return sum(len(v) for box in boxes for v in e2e.by_mark(box).values())
+
+    try:
+        worker = e2e.start(**env)
+
+        async def some_written() -> bool:
+            return written() >= 30
+
+        await wait_until(some_written, timeout=40, interval=0.005)
+        worker.proc.kill()
+        worker.proc.wait(10)
+        assert written() < len(docs), "the worker finished before it could be killed"
+        worker = e2e.start(**env)
+        await e2e.wait_settled(len(docs), timeout=90)
+    finally:
+        e2e.ews.latency = 0.0
+    await e2e.stop(worker)
+    # usually a few creates were caught in flight by the kill and adopted ("adopted
+    # event written before a crash" in the log); the exact end state is what must hold
+
+    counts = {k: len(v) for box in boxes for k, v in e2e.by_mark(box).items()}
+    assert counts == {mark(f"a-{n:03}"): 1 for n in range(160)}, {
+        k: v for k, v in counts.items() if v != 1
+    }
+    rows = await e2e.items()
+    assert {r["status"] for r in rows.values()} == {"synced"}
+    for r in rows.values():
+        assert r["event_id"] in e2e.ews.items[r["mailbox"].lower()]
