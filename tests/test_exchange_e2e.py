@@ -254,7 +254,21 @@ async def test_lifecycle_writes_the_right_items_and_leaves_none_behind(e2e: E2E)
 
     await wait_until(cancelled, timeout=20)
     await e2e.wait_settled(6)
+    # redelivered events write nothing (a sentinel shows they were consumed)
+    requests_before = len(e2e.ews.requests)
+    latest = [absence("a-life", 3, jane, status="cancelled"),
+              absence("a-remote", 1, jane, start=("2026-12-08", "am"), end=("2026-12-08", "pm"),
+                      account=remote)]
+    sentinel = e2e.mailbox("sentinel")
+    await e2e.publish([*latest, absence("a-sentinel", 1, sentinel)])
+
+    async def sentinel_written() -> bool:
+        return mark("a-sentinel") in e2e.by_mark(sentinel)
+
+    await wait_until(sentinel_written, timeout=20)
+    await e2e.wait_settled(7)
     await e2e.stop(worker)
+    assert {r.mailbox for r in e2e.ews.requests[requests_before:]} == {sentinel.lower()}
 
     at_jane, at_john = e2e.by_mark(jane), e2e.by_mark(john)
     assert sorted(at_jane) == [mark("a-remote")]
@@ -284,6 +298,7 @@ async def test_lifecycle_writes_the_right_items_and_leaves_none_behind(e2e: E2E)
     writes = Counter(r.operation for r in mine if r.operation != "FindItem")
     assert writes["DeleteItem"] == 1 and writes["UpdateItem"] == 1
     rows = await e2e.items()
+    assert rows["acme-ews/a-sentinel"]["status"] == "synced"
     assert rows["acme-ews/a-life"]["status"] == "deleted"
     assert rows["acme-ews/a-denied"]["status"] == "deleted"
     assert {rows[f"acme-ews/{a}"]["status"] for a in expected} == {"synced"}
@@ -355,19 +370,21 @@ async def test_error_codes_and_hints_land_in_the_sync_state(e2e: E2E, tmp_path: 
         )
         ok, ghost, denied = e2e.mailbox("ok"), e2e.mailbox("ghost", register=False), \
             e2e.mailbox("denied")
+        busy = e2e.mailbox("busy")
         e2e.ews.impersonation_denied.add(denied.lower())
+        e2e.ews.script("CreateItem", busy, back_off_ms=600_000)
         rogue.add_mailbox("tls@acme.test")
         hooli = old.add_mailbox("hooli@acme.test")
         await e2e.publish([
             absence("a-ok", 1, ok), absence("a-ghost", 1, ghost),
-            absence("a-denied", 1, denied),
+            absence("a-denied", 1, denied), absence("a-busy", 1, busy),
             absence("g-1", 1, e2e.mailbox("globex"), tenant="globex"),
             absence("i-1", 1, "tls@acme.test", tenant="initech"),
             absence("u-1", 1, "unreachable@acme.test", tenant="umbrella"),
             absence("h-1", 1, hooli, tenant="hooli"),
         ])
         worker = e2e.start()
-        await e2e.wait_settled(7, waiting=frozenset({"server_unreachable"}))
+        await e2e.wait_settled(8, waiting=frozenset({"server_unreachable", "throttled"}))
 
         async def retried() -> bool:  # the unreachable server is retried, not given up
             return int((await e2e.items())["umbrella-ews/u-1"]["attempts"]) >= 2
@@ -392,6 +409,12 @@ async def test_error_codes_and_hints_land_in_the_sync_state(e2e: E2E, tmp_path: 
         assert (row["status"], row["last_error_code"], row["attempts"]) == ("failed", code, 1), key
         assert words in row["last_error_hint"], key
     assert "management scope" in rows["acme-ews/a-denied"]["last_error_hint"]
+    throttled = rows["acme-ews/a-busy"]
+    assert (throttled["status"], throttled["last_error_code"]) == ("pending", "throttled")
+    assert "ErrorServerBusy" in throttled["last_error_hint"]
+    assert throttled["attempts"] == 1  # not before the server's back-off of ten minutes
+    waited = (throttled["next_attempt_at"] - throttled["updated_at"]).total_seconds()
+    assert 590 <= waited <= 660
     unreachable = rows["umbrella-ews/u-1"]
     assert (unreachable["status"], unreachable["last_error_code"]) == ("pending",
                                                                        "server_unreachable")

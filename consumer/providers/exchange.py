@@ -33,8 +33,10 @@ service account. What callers may rely on:
   for the ownership mark before anything is retried, so a retry never stores
   a second item; a repeated `transaction_id` answers the id already stored.
 * `ErrorServerBusy` fails the operation with `throttled` and the server's
-  `BackOffMilliseconds`; nothing more is sent to the server until the back-off
-  has elapsed (later operations wait when the wait fits in their timeout).
+  `BackOffMilliseconds`; nothing more is sent for that mailbox until the
+  back-off has elapsed (Exchange charges impersonated calls to the target
+  mailbox's budget), nor to the server after a 429 or 503 with Retry-After.
+  Later operations wait when the wait fits in their timeout.
   Authentication, certificate and wrong-URL failures are remembered for
   `FAILURE_MEMORY` seconds, so a bad password does not lock the service
   account out through a burst of failed sign-ins.
@@ -725,7 +727,11 @@ class ExchangeProvider(Provider):
         self._transactions: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._queues: dict[str, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._not_before = 0.0  # monotonic time before which nothing is sent
+        # monotonic times before which nothing is sent: to the server (HTTP 429/503 with
+        # Retry-After), and per mailbox (ErrorServerBusy: Exchange charges impersonated
+        # calls to the target mailbox's budget)
+        self._server_not_before = 0.0
+        self._mailbox_not_before: dict[str, float] = {}
         self._failure: tuple[float, ProviderError] | None = None
         self._closed = False
 
@@ -787,11 +793,11 @@ class ExchangeProvider(Provider):
     async def find(self, mailbox: str, mark: Mark) -> list[str]:
         self._check_usable()
         loop = asyncio.get_running_loop()
-        await self._wait_until_allowed(loop.time() + self.timeout)
+        await self._wait_until_allowed(mailbox, loop.time() + self.timeout)
         try:
             found = await self._run(self._find_blocking, mailbox, [mark.value])
         except Exception as exc:
-            raise self._failed(translate_error(exc, self._where(mailbox))) from exc
+            raise self._failed(translate_error(exc, self._where(mailbox)), mailbox) from exc
         return found.get(mark.value, [])
 
     async def close(self) -> None:
@@ -824,17 +830,32 @@ class ExchangeProvider(Provider):
                 raise _copy(failure[1])
             self._failure = None
 
-    def _failed(self, error: ProviderError) -> ProviderError:
-        """Note what an error tells about the whole server before handing it on."""
+    def _failed(self, error: ProviderError, mailbox: str) -> ProviderError:
+        """Note what an error tells about the server or the mailbox before handing it on."""
         now = time.monotonic()
         if error.retry_after:
-            self._not_before = max(self._not_before, now + error.retry_after)
+            until = now + error.retry_after
+            if error.code == THROTTLED and "ErrorServerBusy" in error.message:
+                key = mailbox.casefold()
+                self._mailbox_not_before[key] = max(self._mailbox_not_before.get(key, 0.0),
+                                                    until)
+            else:
+                self._server_not_before = max(self._server_not_before, until)
         provider_wide = error.code in (AUTH_FAILED, TLS_UNTRUSTED_CERTIFICATE) or (
             error.code == PROVIDER_ERROR and not error.retriable and "EWS endpoint" in error.hint
         )
         if provider_wide:
             self._failure = (now + FAILURE_MEMORY, error)
         return error
+
+    def _blocked_for(self, mailbox: str) -> float:
+        """Seconds the server asked to wait before the next request for `mailbox`."""
+        now = time.monotonic()
+        key = mailbox.casefold()
+        until = self._mailbox_not_before.get(key, 0.0)
+        if until and until <= now:
+            del self._mailbox_not_before[key]  # memory follows activity
+        return max(until, self._server_not_before) - now
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the provider's threads."""
@@ -846,12 +867,12 @@ class ExchangeProvider(Provider):
                                     retriable=True) from None
             raise
 
-    async def _wait_until_allowed(self, deadline: float) -> None:
+    async def _wait_until_allowed(self, mailbox: str, deadline: float) -> None:
         """Honour the server's back-off; fail with `throttled` if it outlasts `deadline`
         (loop time)."""
         loop = asyncio.get_running_loop()
         while True:
-            remaining = self._not_before - time.monotonic()
+            remaining = self._blocked_for(mailbox)
             if remaining <= 0:
                 return
             if loop.time() + remaining > deadline:
@@ -914,7 +935,7 @@ class ExchangeProvider(Provider):
     async def _hold_back(self, queue: _Queue) -> None:
         """Wait out the server's back-off; operations that cannot wait that long fail."""
         loop = asyncio.get_running_loop()
-        remaining = self._not_before - time.monotonic()
+        remaining = self._blocked_for(queue.mailbox)
         if remaining <= 0:
             return
         until = loop.time() + remaining
@@ -942,7 +963,7 @@ class ExchangeProvider(Provider):
             if not isinstance(result, BaseException):
                 self._succeeded(op, result)
                 continue
-            error = self._failed(translate_error(result, where))
+            error = self._failed(translate_error(result, where), mailbox)
             if kind == "create" and outcome_unknown(result):
                 in_doubt.append((op, error))
             elif isinstance(error, EventGone) and kind == "delete":
