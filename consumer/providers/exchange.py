@@ -142,9 +142,10 @@ if TYPE_CHECKING:
     from consumer.settings import Settings
 
 log = logs.get("exchange")
-# exchangelib logs failed requests with their XML (subjects, addresses): the errors
-# leave this module translated instead, and never with an item's content
+# exchangelib logs failed requests with their XML (subjects, addresses), and pyspnego
+# logs NTLM messages at debug level (crackable): errors leave this module translated
 logging.getLogger("exchangelib").setLevel(logging.CRITICAL)
+logging.getLogger("spnego").setLevel(logging.WARNING)
 T = TypeVar("T")
 Kind = Literal["create", "update", "delete"]
 
