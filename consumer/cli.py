@@ -23,7 +23,7 @@ import click
 from aiokafka.errors import KafkaError
 
 from consumer import logs, store
-from consumer.config import ConfigError, load_file
+from consumer.config import ConfigError, config_warnings, load_file
 from consumer.embedded import EmbeddedError
 from consumer.errors import Unreachable
 from consumer.resync import ResyncConflict, ResyncError, ResyncRequest, resync
@@ -207,9 +207,20 @@ def config_apply(path: Path) -> None:
                 f"{path}: sync {cfg.id!r}: holds secrets but ABSENCE_SYNC_SECRET_KEYS is not set "
                 "(generate a key with: absence-sync generate-key)"
             )
-    outcome = _with_pool(settings, lambda pool: store.apply_configs(pool, configs, box))
+    warnings = {cfg.id: config_warnings(cfg) for cfg in configs}
+
+    async def apply(pool: Any) -> dict[str, str]:
+        outcome = await store.apply_configs(pool, configs, box)
+        for config_id, what in outcome.items():
+            if what != "unchanged":  # the worker's provider adds what it learns later
+                await store.set_config_warnings(pool, config_id, warnings[config_id])
+        return outcome
+
+    outcome = _with_pool(settings, apply)
     for config_id, what in outcome.items():
         click.echo(f"{config_id}: {what}")
+        for warning in warnings[config_id]:
+            click.echo(f"absence-sync: warning: {config_id}: {warning}", err=True)
 
 
 @config.command("list")

@@ -15,6 +15,7 @@ import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -128,6 +129,13 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "google": ("service_account",),
 }
 _SECRET_KEYS = {"password", "client_secret", "service_account", "private_key", "token"}
+EXCHANGE_AUTH = ("ntlm", "basic")
+EXCHANGE_MAX_CONNECTIONS = 16
+# Exchange Online's EWS hosts (worldwide, GCC High / DoD, 21Vianet)
+EXCHANGE_ONLINE_HOSTS = frozenset({
+    "outlook.office365.com", "outlook.office.com", "outlook.office365.us",
+    "outlook-dod.office365.us", "partner.outlook.cn",
+})
 
 
 def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any], dict[str, str]]:
@@ -178,7 +186,58 @@ def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any
             f"{where}: field '{provider}.url': must be an https:// URL"
             + ("" if provider == "exchange" else " (plain http only on localhost)")
         )
+    if provider == "exchange":
+        _check_exchange(where, plain)
     return plain, secrets
+
+
+def _check_exchange(where: str, plain: dict[str, Any]) -> None:
+    """The exchange block: a URL with a host, `auth` ntlm or basic, a bounded pool."""
+    if not urlsplit(str(plain["url"])).hostname:
+        raise ConfigError(f"{where}: field 'exchange.url': has no host name")
+    if "username" in plain and (
+        not isinstance(plain["username"], str) or not plain["username"].strip()
+    ):
+        raise ConfigError(f"{where}: field 'exchange.username': must be a non-empty string")
+    auth = plain.get("auth", "ntlm")
+    if not isinstance(auth, str) or auth.lower() not in EXCHANGE_AUTH:
+        raise ConfigError(
+            f"{where}: field 'exchange.auth': must be one of {', '.join(EXCHANGE_AUTH)}, "
+            f"got {auth!r}"
+        )
+    if "auth" in plain:
+        plain["auth"] = auth.lower()
+    connections = plain.get("max_connections")
+    if connections is not None and (
+        isinstance(connections, bool) or not isinstance(connections, int)
+        or not 1 <= connections <= EXCHANGE_MAX_CONNECTIONS
+    ):
+        raise ConfigError(
+            f"{where}: field 'exchange.max_connections': must be an integer from 1 to "
+            f"{EXCHANGE_MAX_CONNECTIONS}, got {connections!r}"
+        )
+
+
+def config_warnings(config: SyncConfig) -> list[str]:
+    """What is doubtful about a valid configuration (shown by `config apply` and
+    `config show`; the provider reports the same)."""
+    if config.provider != "exchange":
+        return []
+    url = urlsplit(str(config.provider_settings.get("url", "")))
+    host = (url.hostname or "").lower()
+    if host in EXCHANGE_ONLINE_HOSTS:
+        return [
+            f"exchange.url points at Exchange Online ({host}): this provider is for Exchange "
+            "Server on-premises. Microsoft has retired the ApplicationImpersonation role in "
+            "Exchange Online and is shutting EWS down there: use the microsoft365 provider "
+            "for Exchange Online mailboxes."
+        ]
+    if not url.path.rstrip("/").lower().endswith("/ews/exchange.asmx"):
+        return [
+            f"exchange.url ends in {url.path or '/'!r}, not /EWS/Exchange.asmx: the EWS "
+            "endpoint of Exchange Server is https://HOST/EWS/Exchange.asmx."
+        ]
+    return []
 
 
 def _acceptable_url(url: str, provider: str) -> bool:
