@@ -58,7 +58,8 @@ async def security_headers(
     if request.path == "/" or request.path.startswith("/ui/"):
         response.headers.setdefault("Content-Security-Policy", _CSP)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        # not "no-referrer": Chromium then sends `Origin: null` with our own forms
+        response.headers.setdefault("Referrer-Policy", "same-origin")
         response.headers.setdefault("X-Frame-Options", "DENY")
         if not request.path.startswith("/ui/static/"):
             response.headers.setdefault("Cache-Control", "no-store")
