@@ -116,11 +116,13 @@ async def test_sign_in_see_the_cause_retry_and_resync(
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(viewport={"width": 1100, "height": 900})
+            context.set_default_timeout(30_000)  # a loaded machine: generous, never a sleep
             page = await context.new_page()
             problems: list[str] = []
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(str(e)))
             expect = playwright_api.expect
+            expect.set_options(timeout=20_000)
 
             # sign in, with the keyboard
             await page.goto(base + "/")

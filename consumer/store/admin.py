@@ -382,6 +382,7 @@ class Progress:
     done: int
     written: int
     failed: int
+    gone: int  # marked items that no longer exist (their configuration was deleted)
 
 
 async def progress(
@@ -394,12 +395,13 @@ async def progress(
         SELECT count(*) FILTER (WHERE s.done_seq >= m.seq) AS done,
                count(*) FILTER (WHERE s.done_seq >= m.seq AND s.status <> 'failed'
                                 AND s.synced_at >= $4) AS written,
-               count(*) FILTER (WHERE s.done_seq >= m.seq AND s.status = 'failed') AS failed
+               count(*) FILTER (WHERE s.done_seq >= m.seq AND s.status = 'failed') AS failed,
+               count(*) FILTER (WHERE s.absence_id IS NULL) AS gone
         FROM unnest($2::text[], $3::bigint[]) AS m(absence_id, seq)
-        JOIN sync_items s ON s.config_id = $1 AND s.absence_id = m.absence_id
+        LEFT JOIN sync_items s ON s.config_id = $1 AND s.absence_id = m.absence_id
         """,
         config_id, list(seqs), list(seqs.values()), since,
     )
     assert row is not None
-    return Progress(int(row["done"]), int(row["written"]), int(row["failed"]))
+    return Progress(int(row["done"]), int(row["written"]), int(row["failed"]), int(row["gone"]))
 

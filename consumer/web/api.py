@@ -52,7 +52,10 @@ def _unauthorized(message: str) -> web.Response:
 
 
 async def caller_for(request: web.Request, token: str) -> Caller | None:
-    """The caller a token text stands for, or None for an unknown or revoked one."""
+    """The caller a token text stands for, or None for an unknown or revoked one.
+
+    The row is found by the token's SHA-256 (an index look-up reveals nothing
+    usable about a token); the stored hash is then compared in constant time."""
     if not tokens.looks_like_token(token):
         return None
     digest = tokens.token_hash(token)

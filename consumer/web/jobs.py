@@ -132,7 +132,7 @@ async def get(pool: asyncpg.Pool, job_id: str, tenant: str) -> Job | None:
     if job.state == "done":
         return job
     done = await admin_store.progress(pool, job.sync_id, record.seqs, job.started_at)
-    finished = done.done >= len(record.seqs)
+    finished = done.done + done.gone >= len(record.seqs)
     record.job = replace(
         job, done=done.done, written=done.written, failed=done.failed,
         unchanged=done.done - done.written - done.failed,
