@@ -22,7 +22,7 @@ import asyncpg
 import click
 from aiokafka.errors import KafkaError
 
-from consumer import logs, store
+from consumer import logs, store, tokens
 from consumer.config import ConfigError, config_warnings, load_file
 from consumer.embedded import EmbeddedError
 from consumer.errors import Unreachable
@@ -626,6 +626,81 @@ def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
         f"(in {store.CONSENT_LIFETIME.days * 24} hours).",
         err=True,
     )
+
+
+@main.group()
+def token() -> None:
+    """API tokens per tenant, with a role: read, manage or configure."""
+
+
+@token.command("create")
+@click.option("--tenant", required=True, help="the tenant the token may see")
+@click.option("--role", required=True, type=click.Choice(tokens.ROLES),
+              help="read: monitoring; manage: also retry and resync; "
+              "configure: also edit configurations")
+@click.option("--name", help="a note to recognise it in `token list`")
+@_embedded_option
+def token_create(tenant: str, role: str, name: str | None) -> None:
+    """Create a token; it is printed once, alone on the last line."""
+    from consumer.store import admin as admin_store
+
+    tenant = tenant.strip()
+    if not tenant:
+        _fail("--tenant must not be empty")
+    settings = _settings()
+    token_id, text = tokens.new_token()
+    _with_pool(settings, lambda pool: admin_store.create_token(
+        pool, token_id=token_id, tenant=tenant, role=role, name=name,
+        digest=tokens.token_hash(text),
+    ))
+    click.echo(f"created token {token_id} for tenant {tenant} with role {role}")
+    click.echo("it is shown only this once: store it now (e.g. in a password manager)")
+    click.echo(text)
+
+
+@token.command("list")
+@click.option("--tenant", help="only this tenant's tokens")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_embedded_option
+def token_list(tenant: str | None, as_json: bool) -> None:
+    """List tokens: ids, names, roles, creation and last use (never the token)."""
+    from consumer.store import admin as admin_store
+
+    settings = _settings()
+    rows = _with_pool(settings, lambda pool: admin_store.list_tokens(pool, tenant))
+    if as_json:
+        click.echo(json.dumps([
+            {"id": r.id, "tenant": r.tenant, "role": r.role, "name": r.name,
+             "created_at": r.created_at.isoformat(),
+             "last_used_at": r.last_used_at.isoformat() if r.last_used_at else None,
+             "revoked": r.revoked}
+            for r in rows
+        ], indent=2))
+        return
+    if not rows:
+        click.echo("no tokens")
+        return
+    click.echo(f"{'ID':<13} {'TENANT':<16} {'ROLE':<10} {'CREATED':<17} {'LAST USED':<17} NAME")
+    for r in rows:
+        used = r.last_used_at.strftime("%Y-%m-%d %H:%M") if r.last_used_at else "never"
+        state = " (revoked)" if r.revoked else ""
+        click.echo(
+            f"{r.id:<13} {r.tenant:<16} {r.role:<10} {r.created_at:%Y-%m-%d %H:%M} "
+            f"{used:<17} {r.name or ''}{state}"
+        )
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@_embedded_option
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by its id (as `token list` shows it); it stops working at once."""
+    from consumer.store import admin as admin_store
+
+    settings = _settings()
+    if not _with_pool(settings, lambda pool: admin_store.revoke_token(pool, token_id)):
+        _fail(f"no token with id {token_id!r}", 1)
+    click.echo(f"revoked token {token_id}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

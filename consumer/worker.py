@@ -107,7 +107,8 @@ async def run_worker(
         )
         intake = Intake(settings, endpoints.bootstrap, pool, metrics, dispatcher.notify)
         state = WebState(
-            metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify
+            metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,
+            settings=settings, box=dispatcher.box,
         )
         async with _serve(create_app(state), settings) as port:
             # pending work is in PostgreSQL: write it while the group join is under way

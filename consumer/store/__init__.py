@@ -518,10 +518,10 @@ WITH input AS (
         synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
     FROM input i
     WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
-    RETURNING s.config_id, s.absence_id, i.op
+    RETURNING s.config_id, s.absence_id, i.op, i.mailbox
 )
-INSERT INTO sync_log (config_id, absence_id, operation, outcome)
-SELECT config_id, absence_id, op, 'ok' FROM done WHERE op <> 'noop'
+INSERT INTO sync_log (config_id, absence_id, operation, outcome, mailbox)
+SELECT config_id, absence_id, op, 'ok', mailbox FROM done WHERE op <> 'noop'
 """
 
 
@@ -590,11 +590,14 @@ async def _log(
     code: str | None,
     message: str | None,
 ) -> None:
+    # the mailbox the failed call was for (set before a create), else the target address
+    target = item.absence.employee.target_address if item.absence.employee else None
     await conn.execute(
-        "INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message,"
+        " mailbox) SELECT $1, $2, $3, $4, $5, $6, COALESCE((SELECT mailbox FROM sync_items"
+        " WHERE config_id = $1 AND absence_id = $2), $7)",
         item.config_id, item.absence_id, operation, outcome, code,
-        message[:500] if message else None,
+        message[:500] if message else None, item.mailbox or target,
     )
 
 
