@@ -27,8 +27,9 @@ from typing import Any
 
 import asyncpg
 
-from consumer import health, store
+from consumer import health, resync, store
 from consumer.config import _SECRET_KEYS, PROVIDERS, ConfigError, SyncConfig, parse_sync
+from consumer.errors import Unreachable
 from consumer.providers.base import CONSENT_MISSING
 from consumer.secrets import SecretBox
 from consumer.settings import Settings
@@ -135,13 +136,16 @@ def job_json(job: jobs.Job) -> dict[str, Any]:
         "establishments": list(job.scope.establishments)
         if job.scope.establishments is not None else None,
         "force": job.scope.force,
+        "phase": job.phase,
         "read": job.read,
+        "total": job.total,
         "in_scope": job.in_scope,
         "marked": job.marked,
         "done": job.done,
         "written": job.written,
         "unchanged": job.unchanged,
         "failed": job.failed,
+        "error": job.error,
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
     }
@@ -259,6 +263,8 @@ class Admin:
     settings: Settings | None = None
     box: SecretBox = field(default_factory=lambda: SecretBox(None))
     notify: Callable[[], None] = lambda: None
+    #: the Kafka bootstrap servers, for resyncs (they re-read the topic)
+    bootstrap: str | None = None
 
     # --- reads ---------------------------------------------------------------
 
@@ -366,9 +372,24 @@ class Admin:
         """A dry run answers the count in scope; otherwise the started job."""
         stored = await self._config(tenant, config_id)
         scope, dry_run = _scope(body)
-        if dry_run:
-            return await jobs.count_in_scope(self.pool, stored, scope)
-        return await jobs.start(self.pool, stored, scope, self.notify)
+        if self.settings is None or self.bootstrap is None:
+            raise AdminError(503, "unavailable", "resync is not available in this process")
+        try:
+            if dry_run:
+                return await jobs.count_in_scope(
+                    self.pool, self.settings, self.bootstrap, stored, scope
+                )
+            job = await jobs.start(self.pool, self.settings, self.bootstrap, stored, scope)
+        except resync.ResyncConflict as exc:
+            raise AdminError(409, "resync_running", str(exc)) from exc
+        except resync.UnknownConfiguration as exc:
+            raise NotFound("configuration", config_id) from exc
+        except resync.ResyncError as exc:
+            raise AdminError(400, "invalid_request", str(exc)) from exc
+        except Unreachable as exc:
+            raise AdminError(503, "unavailable", str(exc)) from exc
+        self.notify()
+        return job
 
     async def put(self, tenant: str, config_id: str, raw: Any) -> bool:
         """Create or replace a configuration; True when it was created."""

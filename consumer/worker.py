@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from consumer import logs, store
+from consumer import logs, resync, store
 from consumer.dispatch import Dispatcher, ProviderFactory
 from consumer.embedded import EmbeddedKafka, EmbeddedPostgres
 from consumer.intake import Intake, ensure_topics
@@ -108,7 +108,7 @@ async def run_worker(
         intake = Intake(settings, endpoints.bootstrap, pool, metrics, dispatcher.notify)
         state = WebState(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,
-            settings=settings, box=dispatcher.box,
+            settings=settings, box=dispatcher.box, bootstrap=endpoints.bootstrap,
         )
         async with _serve(create_app(state), settings) as port:
             # pending work is in PostgreSQL: write it while the group join is under way
@@ -139,6 +139,8 @@ async def run_worker(
                 if task is not stopped and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
     finally:
+        # resyncs started from the API run here; their marked pairs stay marked
+        await resync.cancel_jobs()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pool.close(), timeout=5)
         log.info("stopped")

@@ -28,7 +28,7 @@ from consumer.providers.memory import MemoryCalendar, MemoryProvider
 from consumer.render import DesiredEvent
 from consumer.settings import Settings
 from consumer.store import admin as admin_store
-from tests.conftest import event, wait_until
+from tests.conftest import Publisher, event, wait_until
 
 
 class PickyMemory(MemoryProvider):
@@ -73,14 +73,22 @@ def admin_settings(dsn: str, **extra: Any) -> Settings:
     return Settings(**values)
 
 
-async def record(pool: asyncpg.Pool, docs: Iterable[dict[str, Any]]) -> None:
-    """Absence events recorded exactly as intake records them."""
+async def record(
+    pool: asyncpg.Pool, docs: Iterable[dict[str, Any]], publisher: Publisher | None = None
+) -> None:
+    """Absence events recorded exactly as intake records them, and published to
+    the topic when a publisher is given (a resync re-reads the topic)."""
+    docs = list(docs)
     incoming = []
     for doc in docs:
         parsed = parse_event(json.dumps(doc).encode())
         incoming.append(store.Incoming(parsed.absence, parsed.data, None))
     async with pool.acquire() as conn, conn.transaction():
         await store.record_absences(conn, incoming)
+    if publisher is not None:
+        for doc in docs:
+            await publisher.send(doc)
+        await publisher.flush()
 
 
 async def idle(pool: asyncpg.Pool) -> bool:

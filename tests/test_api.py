@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.fernet import Fernet
 from jsonschema import Draft202012Validator, FormatChecker
 
-from consumer import store, tokens
+from consumer import resync, store, tokens
 from consumer.config import SyncConfig
 from consumer.metrics import Metrics
 from consumer.secrets import SecretBox
@@ -34,7 +34,7 @@ from tests.admin_world import (
     record,
     settle,
 )
-from tests.conftest import wait_until
+from tests.conftest import Publisher, wait_until
 
 Client = TestClient[web.Request, web.Application]
 ROLES = tokens.ROLES
@@ -104,7 +104,11 @@ class World:
     box: SecretBox
     api: Api
     tokens: dict[tuple[str, str], str]
+    publisher: Publisher
     job_id: str = ""
+
+    async def record(self, docs: list[dict[str, Any]]) -> None:
+        await record(self.pool, docs, self.publisher)
 
     def token(self, tenant: str, role: str) -> str:
         return self.tokens[(tenant, role)]
@@ -116,8 +120,13 @@ def caldav(config_id: str, tenant: str = "acme", **fields: Any) -> SyncConfig:
 
 
 @pytest.fixture
-async def world(dsn: str, pool: asyncpg.Pool) -> AsyncIterator[World]:
-    settings = admin_settings(dsn)
+async def world(
+    dsn: str, pool: asyncpg.Pool, settings: Settings, publisher: Publisher
+) -> AsyncIterator[World]:
+    settings = admin_settings(
+        dsn, kafka_bootstrap_servers=settings.kafka_bootstrap_servers, topic=settings.topic,
+        dlq_topic=settings.dlq_topic, group_id=settings.group_id,
+    )
     box = SecretBox(Fernet.generate_key().decode())
     calendars = Calendars(settings, unknown={GHOST})
     await store.apply_configs(pool, [
@@ -126,16 +135,19 @@ async def world(dsn: str, pool: asyncpg.Pool) -> AsyncIterator[World]:
         caldav("acme-put"),
         caldav("globex-cal", tenant="globex"),
     ], box)
-    await record(pool, [absence(f"a{n}", box_) for n, box_ in enumerate(ACME_MAILBOXES)])
-    await record(pool, [absence("g1", "mallory@globex.test", tenant="globex")])
+    await record(pool, [absence(f"a{n}", box_) for n, box_ in enumerate(ACME_MAILBOXES)],
+                 publisher)
+    await record(pool, [absence("g1", "mallory@globex.test", tenant="globex")], publisher)
     await settle(pool, settings, calendars)
     found = {
         (tenant, role): await new_token(pool, tenant, role, f"{tenant} {role}")
         for tenant in ("acme", "globex") for role in ROLES
     }
-    state = WebState(Metrics(), pool, settings=settings, box=box, housekeeping_seconds=0.1)
+    state = WebState(Metrics(), pool, settings=settings, box=box, housekeeping_seconds=0.1,
+                     bootstrap=settings.kafka_bootstrap_servers)
     async with TestClient(TestServer(create_app(state))) as client:
-        yield World(pool, settings, calendars, box, Api(client), found)
+        yield World(pool, settings, calendars, box, Api(client), found, publisher)
+    await resync.cancel_jobs()
 
 
 # ---------------------------------------------------------------- monitoring
@@ -381,7 +393,7 @@ async def test_retry_requeues_failed_items(world: World) -> None:
 
 async def test_resync_dry_run_then_job_to_completion(world: World) -> None:
     token = world.token("acme", "manage")
-    await record(world.pool, [
+    await world.record([
         absence("old", "jane@acme.test", start=("2026-01-05", "am"), end="2026-01-06"),
         absence("lyon", "joe@acme.test", establishment_id="lyon"),
         absence("gone", "jane@acme.test", status="cancelled"),
@@ -411,18 +423,24 @@ async def test_resync_dry_run_then_job_to_completion(world: World) -> None:
                                        ids={"sync": "acme-cal"},
                                        json={"since": "2026-12-01", "force": True})
     assert status == 202, job
-    assert job["job_id"] == job["id"] and job["marked"] == 6 and job["in_scope"] == 5
+    assert job["job_id"] == job["id"] and job["state"] == "running"
+    # one resync per configuration at a time
+    status, busy = await world.api.call("POST", "/syncs/{sync}/resync", token,
+                                        ids={"sync": "acme-cal"}, json={})
+    assert status == 409 and job["id"] in busy["error"]["message"], busy
     async with dispatching(world.pool, world.settings, world.calendars):
         async def finished() -> bool:
             _, state = await world.api.call("GET", "/jobs/{job}", world.token("acme", "read"),
                                             ids={"job": job["id"]})
-            return bool(state["state"] == "done")
+            return bool(state["state"] != "running")
 
-        await wait_until(finished, timeout=30)
+        await wait_until(finished, timeout=60)
     _, done = await world.api.call("GET", "/jobs/{job}", world.token("acme", "read"),
                                    ids={"job": job["id"]})
-    assert (done["done"], done["written"], done["failed"]) == (6, 4, 1)
-    assert done["unchanged"] == 1 and done["finished_at"] is not None
+    assert done["state"] == "done" and done["in_scope"] == done["marked"] == 5
+    # forced: every marked pair written again, but the unknown mailbox fails
+    assert (done["done"], done["written"], done["unchanged"], done["failed"]) == (5, 4, 0, 1)
+    assert done["read"] == done["total"] >= 8 and done["finished_at"] is not None
     status, _ = await world.api.call("GET", "/jobs/{job}", world.token("globex", "configure"),
                                      ids={"job": job["id"]})
     assert status == 404
@@ -526,7 +544,8 @@ async def test_every_endpoint_by_role_and_tenant(world: World) -> None:
     for endpoint in ENDPOINTS:
         for tenant, role, token in callers:
             sync = "acme-put"
-            if endpoint.method == "DELETE":  # a fresh victim each time
+            # a fresh victim each time: a deletion, or a resync (one runs at a time)
+            if endpoint.method == "DELETE" or endpoint.ok == 202:
                 sync = f"acme-victim-{next(_cases)}"
                 await store.apply_configs(world.pool, [caldav(sync)], world.box)
             status, body = await api.call(

@@ -32,6 +32,8 @@ class WebState:
     # for the administration API and page: consent links, secrets of configurations
     settings: Settings | None = None
     box: SecretBox = field(default_factory=lambda: SecretBox(None))
+    #: Kafka bootstrap servers, for resyncs started from the API or the page
+    bootstrap: str | None = None
     housekeeping_seconds: float = 2.0
 
 

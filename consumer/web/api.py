@@ -216,7 +216,7 @@ ROUTES: list[tuple[str, str, Route]] = [
 
 def setup(app: web.Application) -> None:
     state = app[STATE]
-    app[ADMIN] = Admin(state.pool, state.settings, state.box, state.on_change)
+    app[ADMIN] = Admin(state.pool, state.settings, state.box, state.on_change, state.bootstrap)
     for method, path, handler in ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
     app.router.add_get(PREFIX + "/openapi.json", openapi)

@@ -1,43 +1,26 @@
-"""Resync jobs as the API and the page need them: the seam to the resync library.
+"""Resync jobs as the API and the page see them: one configuration, one scope.
 
-INTERIM IMPLEMENTATION. The real resync (`consumer/resync.py`: a
-`resync_jobs` table, `start_job(...)`, `get_job(pool, job_id, tenant)` and a
-dry-run count, re-reading the Kafka topic in a temporary consumer group) is
-being written on another branch. Until it is merged, this module gives the
-three functions below a minimal, working meaning so the API and the page run
-end to end:
-
-- the scope is computed from the absences recorded in PostgreSQL (not from
-  the topic): absences of the tenant whose end date is on or after `since`,
-  of the given establishments; `in_scope` counts those rule 5.1 wants;
-- a job re-queues every absence of the scope (`store.requeue`, with `force`)
-  and notes each item's change number; it is done when the dispatcher has
-  processed every marked item up to that change;
-- jobs live in this process's memory (the last `MAX_JOBS`): another replica,
-  or a restarted worker, does not know them.
-
-What callers rely on, and what the replacement must keep: the signatures and
-the `Scope` and `Job` fields; `get` answers None for a job of another tenant,
-exactly as for an unknown id.
+A view over `consumer.resync`, the same operation as `absence-sync resync`:
+the dry run re-reads the topic and counts the (configuration, absence) pairs
+in scope without changing anything; a job runs in this worker process,
+records what it reads, marks the pairs and follows their writes (done by
+this worker's dispatcher and the other replicas'). Jobs are rows of the
+database, so any replica answers for them, and at most one resync runs per
+configuration at a time.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import asyncpg
 
-from consumer import store
-from consumer.render import wanted
-from consumer.store import admin as admin_store
+from consumer import resync, store
+from consumer.settings import Settings
 
-MAX_JOBS = 1000
-JobState = Literal["running", "done"]
+JobState = Literal["running", "done", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,86 +40,89 @@ class Job:
     tenant: str
     scope: Scope
     state: JobState
-    read: int  # absences examined
-    in_scope: int  # of which the configuration wants an event
-    marked: int  # items re-queued
-    done: int  # marked items processed so far
+    phase: str  # starting, reading, selecting, writing, done
+    read: int  # topic records read
+    total: int  # topic records to read
+    in_scope: int  # pairs the configuration wants
+    marked: int  # pairs marked for a write
+    done: int  # marked pairs processed so far
     written: int  # of which changed a calendar
     unchanged: int  # of which needed no write
     failed: int  # of which failed
+    error: str | None
     started_at: dt.datetime
     finished_at: dt.datetime | None
 
 
-@dataclass
-class _Record:
-    job: Job
-    seqs: dict[str, int] = field(default_factory=dict)
-
-
-_jobs: OrderedDict[str, _Record] = OrderedDict()
-
-
-async def _scope(
-    pool: asyncpg.Pool, stored: store.StoredConfig, scope: Scope
-) -> tuple[int, list[str], int]:
-    absences = await admin_store.absences_in_scope(
-        pool, stored.config.tenant, since=scope.since, establishments=scope.establishments
+def _request(stored: store.StoredConfig, scope: Scope, *, dry_run: bool) -> resync.ResyncRequest:
+    return resync.ResyncRequest(
+        config_ids=(stored.config.id,),
+        establishments=scope.establishments or (),
+        since=scope.since,
+        dry_run=dry_run,
+        force=scope.force,
+        # in a worker, its dispatcher (and the other replicas') do the writes
+        wait=not dry_run,
+        dispatch=False,
     )
-    count = sum(1 for a in absences if wanted(a, stored.config))
-    return len(absences), [a.id for a in absences], count
 
 
-async def count_in_scope(pool: asyncpg.Pool, stored: store.StoredConfig, scope: Scope) -> int:
+async def count_in_scope(
+    pool: asyncpg.Pool, settings: Settings, bootstrap: str,
+    stored: store.StoredConfig, scope: Scope,
+) -> int:
     """The dry run: how many events the resync would initialize. Touches nothing."""
-    return (await _scope(pool, stored, scope))[2]
+    summary = await resync.resync(
+        pool, settings, bootstrap, _request(stored, scope, dry_run=True)
+    )
+    return summary.in_scope
 
 
 async def start(
-    pool: asyncpg.Pool,
-    stored: store.StoredConfig,
-    scope: Scope,
-    notify: Callable[[], None],
+    pool: asyncpg.Pool, settings: Settings, bootstrap: str,
+    stored: store.StoredConfig, scope: Scope,
 ) -> Job:
-    """Start a resync of `stored` over `scope`; `notify` wakes the dispatcher."""
-    read, ids, in_scope = await _scope(pool, stored, scope)
-    config_id = stored.config.id
-    started = dt.datetime.now(dt.UTC)
-    marked = 0
-    seqs: dict[str, int] = {}
-    for chunk in range(0, len(ids), 1000):
-        part = ids[chunk:chunk + 1000]
-        marked += await store.requeue(
-            pool, config_id, only_failed=False, force=scope.force, absence_ids=part
-        )
-        seqs.update(await admin_store.item_seqs(pool, config_id, part))
-    notify()
-    job = Job(
-        id=str(uuid.uuid4()), sync_id=config_id, tenant=stored.config.tenant, scope=scope,
-        state="running" if seqs else "done", read=read, in_scope=in_scope, marked=marked,
-        done=0, written=0, unchanged=0, failed=0, started_at=started,
-        finished_at=None if seqs else started,
+    """Start a resync of `stored` over `scope`; raises `resync.ResyncConflict`
+    when one is already running for this configuration."""
+    job_id = await resync.start_job(
+        pool, settings, bootstrap, _request(stored, scope, dry_run=False)
     )
-    _jobs[job.id] = _Record(job, seqs)
-    while len(_jobs) > MAX_JOBS:
-        _jobs.popitem(last=False)
+    job = await get(pool, job_id, stored.config.tenant)
+    assert job is not None
     return job
 
 
 async def get(pool: asyncpg.Pool, job_id: str, tenant: str) -> Job | None:
     """The job's progress and summary; None when unknown or of another tenant."""
-    record = _jobs.get(job_id)
-    if record is None or record.job.tenant != tenant:
+    row = await resync.get_job(pool, job_id, tenant)
+    if row is None or not row.config_ids or row.tenant != tenant:
         return None
-    job = record.job
-    if job.state == "done":
-        return job
-    done = await admin_store.progress(pool, job.sync_id, record.seqs, job.started_at)
-    finished = done.done + done.gone >= len(record.seqs)
-    record.job = replace(
-        job, done=done.done, written=done.written, failed=done.failed,
-        unchanged=done.done - done.written - done.failed,
-        state="done" if finished else "running",
-        finished_at=dt.datetime.now(dt.UTC) if finished else None,
+    request = row.request
+    since = request.get("since")
+    establishments = request.get("establishments") or None
+    state: JobState = (
+        "running" if row.state == "running" else "failed" if row.state == "failed" else "done"
     )
-    return record.job
+    return Job(
+        id=row.id,
+        sync_id=row.config_ids[0],
+        tenant=tenant,
+        scope=Scope(
+            dt.date.fromisoformat(since) if since else None,
+            tuple(establishments) if establishments else None,
+            bool(request.get("force", False)),
+        ),
+        state=state,
+        phase=row.phase,
+        read=row.records_read,
+        total=max(row.records_total, row.records_read),
+        in_scope=row.in_scope,
+        marked=row.marked,
+        done=row.written + row.unchanged + row.failed,
+        written=row.written,
+        unchanged=row.unchanged,
+        failed=row.failed,
+        error=row.error,
+        started_at=row.created_at,
+        finished_at=row.finished_at,
+    )

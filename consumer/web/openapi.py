@@ -28,6 +28,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "The token's role is too low for this (or the body names another tenant).",
         404: "No such resource for this token's tenant (another tenant's is answered "
              "exactly the same way).",
+        409: "A resync of this configuration is already running (the message names it).",
+        503: "The broker or the database cannot be reached now; try again.",
     }
     return {str(s): _json(_ERROR_REF, meaning[s]) for s in statuses}
 
@@ -195,24 +197,28 @@ _COMPONENTS: dict[str, Any] = {
         },
         "Job": {
             "type": "object",
-            "required": ["id", "sync_id", "state", "since", "establishments", "force", "read",
-                         "in_scope", "marked", "done", "written", "unchanged", "failed",
-                         "started_at", "finished_at"],
+            "required": ["id", "sync_id", "state", "phase", "since", "establishments", "force",
+                         "read", "total", "in_scope", "marked", "done", "written", "unchanged",
+                         "failed", "error", "started_at", "finished_at"],
             "properties": {
                 "id": {"type": "string"},
                 "job_id": {"type": "string", "description": "Same as id (in the 202 answer)."},
                 "sync_id": {"type": "string"},
-                "state": {"enum": ["running", "done"]},
+                "state": {"enum": ["running", "done", "failed"],
+                          "description": "failed: `error` says why (written pairs stay)."},
+                "phase": {"enum": ["starting", "reading", "selecting", "writing", "done"]},
                 "since": {"type": ["string", "null"], "format": "date"},
                 "establishments": {"type": ["array", "null"], "items": {"type": "string"}},
                 "force": {"type": "boolean"},
-                "read": {"type": "integer"},
+                "read": {"type": "integer", "description": "Topic records read."},
+                "total": {"type": "integer", "description": "Topic records to read."},
                 "in_scope": {"type": "integer"},
                 "marked": {"type": "integer"},
                 "done": {"type": "integer", "description": "Marked absences processed."},
                 "written": {"type": "integer"},
                 "unchanged": {"type": "integer"},
                 "failed": {"type": "integer"},
+                "error": {"type": ["string", "null"]},
                 "started_at": {"type": "string", "format": "date-time"},
                 "finished_at": _TS,
             },
@@ -306,7 +312,7 @@ _PATHS: dict[str, Any] = {
             "manage",
             {"200": _json(_ref("InScope"), "Dry run: the count, nothing touched."),
              "202": _json(_ref("Job"), "Started; follow it at /jobs/{id} (Location)."),
-             **_errors(400, 401, 403, 404)},
+             **_errors(400, 401, 403, 404, 409, 503)},
             requestBody={"required": False, "content": {
                 "application/json": {"schema": _ref("ResyncRequest")}}},
         ),

@@ -72,15 +72,28 @@
     fetch("/ui/jobs/" + encodeURIComponent(id), {
       credentials: "same-origin", headers: { "Accept": "application/json" }
     }).then(answer).then(function (job) {
-      bar.max = Math.max(job.marked, 1);
-      bar.value = job.marked ? job.done : 1;
+      if (job.state === "failed") {
+        startButton.disabled = false;
+        status.textContent = "The resync stopped: " + job.error;
+        return;
+      }
       if (job.state === "done") {
+        bar.max = Math.max(job.marked, 1);
+        bar.value = bar.max;
         startButton.disabled = false;
         status.textContent = "Done: " + job.written + " written, " + job.unchanged +
           " unchanged, " + job.failed + " failed.";
         return;
       }
-      status.textContent = job.done + " of " + job.marked + " processed…";
+      if (job.phase === "writing") {
+        bar.max = Math.max(job.marked, 1);
+        bar.value = job.done;
+        status.textContent = job.done + " of " + job.marked + " events written or checked…";
+      } else {
+        bar.max = Math.max(job.total, 1);
+        bar.value = job.read;
+        status.textContent = "Reading the topic: " + job.read + " of " + job.total + " records…";
+      }
       window.setTimeout(function () { follow(id); }, 500);
     }).catch(fail);
   }
