@@ -10,6 +10,7 @@ import os
 import secrets as pysecrets
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -19,11 +20,13 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import click
+from aiokafka.errors import KafkaError
 
-from consumer import logs, store
-from consumer.config import ConfigError, load_file
+from consumer import logs, store, tokens
+from consumer.config import ConfigError, config_warnings, load_file
 from consumer.embedded import EmbeddedError
 from consumer.errors import Unreachable
+from consumer.resync import ResyncConflict, ResyncError, ResyncRequest, resync
 from consumer.secrets import SecretBox, SecretsError
 from consumer.settings import Settings, SettingsError, load_settings, unknown_variables
 from consumer.worker import Endpoints, NotConfigured, embedded_endpoints, run_worker
@@ -207,9 +210,20 @@ def config_apply(path: Path) -> None:
                 f"{path}: sync {cfg.id!r}: holds secrets but ABSENCE_SYNC_SECRET_KEYS is not set "
                 "(generate a key with: absence-sync generate-key)"
             )
-    outcome = _with_pool(settings, lambda pool: store.apply_configs(pool, configs, box))
+    warnings = {cfg.id: config_warnings(cfg) for cfg in configs}
+
+    async def apply(pool: Any) -> dict[str, str]:
+        outcome = await store.apply_configs(pool, configs, box)
+        for config_id, what in outcome.items():
+            if what != "unchanged":  # the worker's provider adds what it learns later
+                await store.set_config_warnings(pool, config_id, warnings[config_id])
+        return outcome
+
+    outcome = _with_pool(settings, apply)
     for config_id, what in outcome.items():
         click.echo(f"{config_id}: {what}")
+        for warning in warnings[config_id]:
+            click.echo(f"absence-sync: warning: {config_id}: {warning}", err=True)
 
 
 @config.command("list")
@@ -388,6 +402,184 @@ def dlq_show(limit: int, as_json: bool) -> None:
             click.echo(f"    value ({doc['value_bytes']} bytes): {preview}")
 
 
+class _ResyncView:
+    """Resync progress on stderr: a bar on a terminal (records read of the
+    total, then writes done of those marked), plain lines otherwise."""
+
+    def __init__(self, *, every: float = 2.0) -> None:
+        self.tty = sys.stderr.isatty()
+        self.every = every
+        self.phase = ""
+        self.bar: Any = None
+        self.last = 0.0
+
+    def __call__(self, progress: Any) -> None:
+        changed = progress.phase != self.phase
+        if changed:
+            self._end_bar()
+            self.phase = progress.phase
+        if self.tty:
+            self._draw(progress, changed)
+            return
+        now = time.monotonic()
+        if changed or now - self.last >= self.every:
+            self.last = now
+            line = self._line(progress)
+            if line:
+                click.echo(f"resync: {line}", err=True)
+
+    def _draw(self, progress: Any, changed: bool) -> None:
+        if progress.phase == "reading":
+            length, position, label = progress.total, progress.read, "reading records"
+        elif progress.phase == "writing":
+            done = progress.written + progress.unchanged + progress.failed
+            length, position, label = progress.marked, done, "writing events "
+        else:
+            if changed and progress.phase == "selecting":
+                click.echo("selecting absences...", err=True)
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(
+                length=max(length, 1), label=label, file=sys.stderr, show_pos=True
+            )
+            self.bar.__enter__()
+        self.bar.length = max(length, 1)
+        self.bar.update(max(0, position - self.bar.pos))
+
+    @staticmethod
+    def _line(progress: Any) -> str:
+        if progress.phase == "reading":
+            return f"read {progress.read} of {progress.total} records"
+        if progress.phase == "selecting":
+            return f"selecting absences: {progress.in_scope} in scope so far"
+        if progress.phase == "writing":
+            done = progress.written + progress.unchanged + progress.failed
+            return (
+                f"writes done {done} of {progress.marked} (written {progress.written}, "
+                f"unchanged {progress.unchanged}, failed {progress.failed})"
+            )
+        return ""
+
+    def _end_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def close(self) -> None:
+        self._end_bar()
+
+
+def _parse_since(value: str | None) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since: {value!r} is not a date like 2026-01-31")
+
+
+def _parse_from_time(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        stamp = dt.datetime.fromisoformat(value.strip().replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"--from-time: {value!r} is not an RFC 3339 timestamp like 2026-01-31T08:00:00Z")
+    if stamp.utcoffset() is None:
+        _fail(f"--from-time: {value!r} has no UTC offset (add Z or e.g. +01:00)")
+    return stamp
+
+
+@main.command("resync")
+@click.option("--since", metavar="DATE", help="only absences ending on or after DATE (YYYY-MM-DD)")
+@click.option("--tenant", help="the configurations of this tenant")
+@click.option("--config", "config_ids", multiple=True, metavar="ID",
+              help="this configuration (repeatable)")
+@click.option("--establishment", "establishments", multiple=True, metavar="ID",
+              help="only absences of this establishment (repeatable)")
+@click.option("--from-time", metavar="TIMESTAMP",
+              help="read from the offsets for this RFC 3339 time, not the beginning")
+@click.option("--dry-run", is_flag=True, help="count what is in scope; change nothing")
+@click.option("--force", is_flag=True, help="rewrite events even when unchanged")
+@click.option("--wait", is_flag=True,
+              help="stay until the marked writes are done (and write them from here too)")
+@click.option("--json", "as_json", is_flag=True, help="end with one JSON line of counts")
+@_embedded_option
+def resync_cmd(
+    since: str | None,
+    tenant: str | None,
+    config_ids: tuple[str, ...],
+    establishments: tuple[str, ...],
+    from_time: str | None,
+    dry_run: bool,
+    force: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Re-read the topic and synchronize the selected absences again.
+
+    Reads the topic in a temporary consumer group (the live one is untouched),
+    records what is newer, and marks the selected (configuration, absence)
+    pairs for a write; the workers write them, or this command with --wait.
+    Exit status: 0 done, 1 error, 2 bad usage, 3 some writes failed (--wait).
+    """
+    if not tenant and not config_ids:
+        _fail("--tenant or --config is required (so that nobody resyncs every tenant by accident)")
+    if any(not e.strip() for e in establishments):
+        _fail("--establishment: an establishment id cannot be empty")
+    request = ResyncRequest(
+        tenant=tenant or None, config_ids=config_ids, establishments=establishments,
+        since=_parse_since(since), from_time=_parse_from_time(from_time),
+        dry_run=dry_run, force=force, wait=wait,
+    )
+    settings = _settings()
+    view = _ResyncView()
+    try:
+        with _endpoints(settings) as endpoints:
+            found = settings.model_copy(update={
+                "kafka_bootstrap_servers": endpoints.bootstrap, "database_url": endpoints.dsn,
+            })
+            summary = _with_pool(
+                found,
+                lambda pool: resync(pool, found, endpoints.bootstrap, request, on_progress=view),
+            )
+    except ResyncConflict as exc:
+        view.close()
+        _fail(str(exc), 1)
+    except ResyncError as exc:
+        view.close()
+        _fail(str(exc))
+    except KafkaError as exc:
+        view.close()
+        _fail(f"Kafka: {exc}", 1)
+    except KeyboardInterrupt:
+        view.close()
+        _fail("interrupted; the pairs already marked are still written by the workers", 130)
+    view.close()
+    lines = [
+        f"read {summary.read} records ({summary.invalid} invalid, {summary.applied} newer than "
+        f"recorded, {summary.stale} stale)",
+        f"in scope: {summary.in_scope} (configuration, absence) pairs",
+    ]
+    if summary.dry_run:
+        lines.append(f"dry run: nothing changed; {summary.in_scope} events to initialize")
+    else:
+        lines.append(f"marked for a write: {summary.marked}")
+        if wait:
+            lines.append(
+                f"written {summary.written}, unchanged {summary.unchanged}, "
+                f"failed {summary.failed}"
+            )
+        else:
+            lines.append("the running workers write them (use --wait to stay until done)")
+    for line in lines:
+        click.echo(line, err=as_json)
+    if as_json:
+        click.echo(json.dumps(summary.counts()))
+    if wait and summary.failed:
+        sys.exit(3)
+
+
 @main.command("consent-url")
 @click.argument("config_id")
 @click.option("--redirect-uri",
@@ -437,6 +629,81 @@ def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
         f"(in {store.CONSENT_LIFETIME.days * 24} hours).",
         err=True,
     )
+
+
+@main.group()
+def token() -> None:
+    """API tokens per tenant, with a role: read, manage or configure."""
+
+
+@token.command("create")
+@click.option("--tenant", required=True, help="the tenant the token may see")
+@click.option("--role", required=True, type=click.Choice(tokens.ROLES),
+              help="read: monitoring; manage: also retry and resync; "
+              "configure: also edit configurations")
+@click.option("--name", help="a note to recognise it in `token list`")
+@_embedded_option
+def token_create(tenant: str, role: str, name: str | None) -> None:
+    """Create a token; it is printed once, alone on the last line."""
+    from consumer.store import admin as admin_store
+
+    tenant = tenant.strip()
+    if not tenant:
+        _fail("--tenant must not be empty")
+    settings = _settings()
+    token_id, text = tokens.new_token()
+    _with_pool(settings, lambda pool: admin_store.create_token(
+        pool, token_id=token_id, tenant=tenant, role=role, name=name,
+        digest=tokens.token_hash(text),
+    ))
+    click.echo(f"created token {token_id} for tenant {tenant} with role {role}")
+    click.echo("it is shown only this once: store it now (e.g. in a password manager)")
+    click.echo(text)
+
+
+@token.command("list")
+@click.option("--tenant", help="only this tenant's tokens")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_embedded_option
+def token_list(tenant: str | None, as_json: bool) -> None:
+    """List tokens: ids, names, roles, creation and last use (never the token)."""
+    from consumer.store import admin as admin_store
+
+    settings = _settings()
+    rows = _with_pool(settings, lambda pool: admin_store.list_tokens(pool, tenant))
+    if as_json:
+        click.echo(json.dumps([
+            {"id": r.id, "tenant": r.tenant, "role": r.role, "name": r.name,
+             "created_at": r.created_at.isoformat(),
+             "last_used_at": r.last_used_at.isoformat() if r.last_used_at else None,
+             "revoked": r.revoked}
+            for r in rows
+        ], indent=2))
+        return
+    if not rows:
+        click.echo("no tokens")
+        return
+    click.echo(f"{'ID':<13} {'TENANT':<16} {'ROLE':<10} {'CREATED':<17} {'LAST USED':<17} NAME")
+    for r in rows:
+        used = r.last_used_at.strftime("%Y-%m-%d %H:%M") if r.last_used_at else "never"
+        state = " (revoked)" if r.revoked else ""
+        click.echo(
+            f"{r.id:<13} {r.tenant:<16} {r.role:<10} {r.created_at:%Y-%m-%d %H:%M} "
+            f"{used:<17} {r.name or ''}{state}"
+        )
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@_embedded_option
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by its id (as `token list` shows it); it stops working at once."""
+    from consumer.store import admin as admin_store
+
+    settings = _settings()
+    if not _with_pool(settings, lambda pool: admin_store.revoke_token(pool, token_id)):
+        _fail(f"no token with id {token_id!r}", 1)
+    click.echo(f"revoked token {token_id}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

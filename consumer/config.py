@@ -151,7 +151,8 @@ class BlockSpec:
     * `from_env`: plain keys that may instead come as `<name>_env`; then kept
       with the secrets (not shown) under `<name>`.
     * `required`: names that must be present once resolved (plain or secret).
-    * `check`: extra rules on the resolved plain values; returns (key, problem).
+    * `check`: extra rules on the resolved plain values (which it may normalise);
+      returns (key, problem) pairs.
     * `hint`: added to the error for an unknown key.
     """
 
@@ -159,7 +160,7 @@ class BlockSpec:
     secrets: frozenset[str] = frozenset()
     from_env: frozenset[str] = frozenset()
     required: tuple[str, ...] = ()
-    check: Callable[[Mapping[str, Any]], list[tuple[str, str]]] | None = None
+    check: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
     hint: str = ""
 
     def accepted_keys(self) -> list[str]:
@@ -187,6 +188,8 @@ def _url_problems(
                       "give 'username' and 'password_env' or 'password_file' instead")]
     if parts.scheme == "https" and parts.hostname:
         return []
+    if parts.scheme == "https" and len(url) > len("https://"):
+        return [(key, "has no host name")]
     local = parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
     if local and local_http:
         return []
@@ -194,13 +197,33 @@ def _url_problems(
                                                  if local_http else ""))]
 
 
-def _caldav_rules(block: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _caldav_rules(block: dict[str, Any]) -> list[tuple[str, str]]:
     return _url_problems("url", block.get("url"), local_http=True) if "url" in block else []
 
 
-def _exchange_rules(block: Mapping[str, Any]) -> list[tuple[str, str]]:
-    # an EWS URL must be https, wherever it points
-    return _url_problems("url", block.get("url"), local_http=False) if "url" in block else []
+def _exchange_rules(block: dict[str, Any]) -> list[tuple[str, str]]:
+    """An https EWS URL with a host (wherever it points), `auth` ntlm or basic
+    (normalised to lower case), a bounded connection pool."""
+    problems = _url_problems("url", block.get("url"), local_http=False) if "url" in block else []
+    if problems:
+        return problems
+    if "url" in block and not urlsplit(str(block["url"])).hostname:
+        return [("url", "has no host name")]
+    if "username" in block and not block["username"].strip():
+        return [("username", "must be a non-empty string")]
+    auth = block.get("auth", "ntlm")
+    if not isinstance(auth, str) or auth.lower() not in EXCHANGE_AUTH:
+        return [("auth", f"must be one of {', '.join(EXCHANGE_AUTH)}, got {auth!r}")]
+    if "auth" in block:
+        block["auth"] = auth.lower()
+    connections = block.get("max_connections")
+    if connections is not None and (
+        isinstance(connections, bool) or not isinstance(connections, int)
+        or not 1 <= connections <= EXCHANGE_MAX_CONNECTIONS
+    ):
+        return [("max_connections", f"must be an integer from 1 to {EXCHANGE_MAX_CONNECTIONS}, "
+                                    f"got {connections!r}")]
+    return []
 
 
 #: provider -> the keys of its block. Providers add or extend their entry here.
@@ -211,7 +234,8 @@ PROVIDER_BLOCKS: dict[str, BlockSpec] = {
         "and ABSENCE_SYNC_MS_CLIENT_SECRET (or _CLIENT_CERT_FILE), not part of a sync",
     ),
     "exchange": BlockSpec(
-        plain={"url": str, "username": str, "auth": str},
+        # auth and max_connections: checked (and named) by _exchange_rules
+        plain={"url": str, "username": str, "auth": object, "max_connections": object},
         secrets=frozenset({"password"}),
         required=("url", "username", "password"),
         check=_exchange_rules,
@@ -234,6 +258,12 @@ PROVIDER_BLOCKS: dict[str, BlockSpec] = {
 def register_block(provider: str, spec: BlockSpec) -> None:
     """Declare (or replace) the block of `provider`."""
     PROVIDER_BLOCKS[provider] = spec
+
+
+def secret_names(provider: str) -> frozenset[str]:
+    """The secrets a provider's block holds (`password`, `service_account`...)."""
+    spec = PROVIDER_BLOCKS.get(provider)
+    return spec.secrets if spec is not None else frozenset()
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:
@@ -266,6 +296,15 @@ def _read_secret(field: str, key: str, value: Any) -> str:
     if not text:
         raise ConfigError(f"field '{field}': {path} is empty")
     return text
+
+
+EXCHANGE_AUTH = ("ntlm", "basic")
+EXCHANGE_MAX_CONNECTIONS = 16
+# Exchange Online's EWS hosts (worldwide, GCC High / DoD, 21Vianet)
+EXCHANGE_ONLINE_HOSTS = frozenset({
+    "outlook.office365.com", "outlook.office.com", "outlook.office365.us",
+    "outlook-dod.office365.us", "partner.outlook.cn",
+})
 
 
 def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any], dict[str, str]]:
@@ -339,6 +378,28 @@ def check_block(provider: str, plain: Mapping[str, Any], secret_names: Iterable[
     for name in secret_names:
         if name not in spec.secrets and name not in spec.from_env:
             raise ValueError(f"unknown {provider} secret {name!r}")
+
+
+def config_warnings(config: SyncConfig) -> list[str]:
+    """What is doubtful about a valid configuration (shown by `config apply` and
+    `config show`; the provider reports the same)."""
+    if config.provider != "exchange":
+        return []
+    url = urlsplit(str(config.provider_settings.get("url", "")))
+    host = (url.hostname or "").lower()
+    if host in EXCHANGE_ONLINE_HOSTS:
+        return [
+            f"exchange.url points at Exchange Online ({host}): this provider is for Exchange "
+            "Server on-premises. Microsoft has retired the ApplicationImpersonation role in "
+            "Exchange Online and is shutting EWS down there: use the microsoft365 provider "
+            "for Exchange Online mailboxes."
+        ]
+    if not url.path.rstrip("/").lower().endswith("/ews/exchange.asmx"):
+        return [
+            f"exchange.url ends in {url.path or '/'!r}, not /EWS/Exchange.asmx: the EWS "
+            "endpoint of Exchange Server is https://HOST/EWS/Exchange.asmx."
+        ]
+    return []
 
 
 def parse_sync(where: str, raw: Any) -> SyncConfig:

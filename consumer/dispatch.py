@@ -106,6 +106,7 @@ class Dispatcher:
         self._last_claim = 0.0
         self._provider_lock = asyncio.Lock()
         self._configs: dict[str, store.StoredConfig] = {}
+        self._warnings: dict[str, tuple[str, ...]] = {}  # as stored, per configuration
         self._tenant_load: dict[str, int] = defaultdict(int)
         self._tasks: dict[asyncio.Task[None], store.Claimed] = {}
         self._slots = asyncio.Semaphore(settings.dispatch_concurrency)
@@ -209,6 +210,7 @@ class Dispatcher:
                 await cached[1].close()
         self._providers[config_id] = (stored.revision, provider)
         self._configs[config_id] = stored
+        self._warnings[config_id] = stored.warnings
         return stored, provider
 
     async def _run_item(self, item: store.Claimed) -> None:
@@ -217,6 +219,7 @@ class Dispatcher:
         }
         operation = "resolve"
         kind = "unknown"
+        provider: Provider | None = None
         try:
             found = await self._provider(item.config_id)
             if found is None:
@@ -245,6 +248,21 @@ class Dispatcher:
                 "calendar write failed", code=exc.code, retriable=exc.retriable,
                 retry_after=exc.retry_after, error=exc.message[:300], **structlog_ctx,
             )
+        if provider is not None:
+            await self._report_warnings(item.config_id, provider)
+
+    async def _report_warnings(self, config_id: str, provider: Provider) -> None:
+        """Store what the provider reports about its configuration (e.g. a server out
+        of support, learnt on its first call) on the configuration, when it changes."""
+        warnings = tuple(provider.warnings)
+        if self._warnings.get(config_id) == warnings:
+            return
+        self._warnings[config_id] = warnings
+        try:
+            await store.set_config_warnings(self.pool, config_id, warnings)
+        except (OSError, asyncpg.PostgresError) as exc:
+            self._warnings.pop(config_id, None)  # tried again after the next call
+            log.warning("cannot store configuration warnings", config=config_id, error=str(exc))
 
     @contextlib.asynccontextmanager
     async def _mailbox_slot(self, provider: Provider, mailbox: str) -> AsyncIterator[None]:

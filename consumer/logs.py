@@ -145,6 +145,10 @@ _GENERATED = frozenset({"timestamp", "level", "log_level", "logger"})  # structl
 
 @functools.lru_cache(maxsize=4096)
 def _secret_field(name: str) -> bool:
+    """A field named like a secret (`password`, `token`...), unless it names or
+    counts one (`token_id`, `secret_names`)."""
+    if name.lower().endswith(("_id", "_ids", "_name", "_names", "_count")):
+        return False
     return _SECRET_NAME.search(name) is not None
 
 

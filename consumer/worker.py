@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from consumer import logs, store
+from consumer import logs, resync, store
 from consumer.dispatch import Dispatcher, ProviderFactory
 from consumer.embedded import EmbeddedError, EmbeddedKafka, EmbeddedPostgres
 from consumer.intake import Intake, TopicWatch, ensure_topics
@@ -128,6 +128,7 @@ async def run_worker(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,
             extra_checks=[topics.readiness] if topics is not None else [],
             confirm_consent=_consent_confirmation(settings, context),
+            settings=settings, box=dispatcher.box, bootstrap=endpoints.bootstrap,
         )
         async with _serve(create_app(state), settings) as port:
             # pending work is in PostgreSQL: write it while the group join is under way
@@ -161,6 +162,8 @@ async def run_worker(
         if watching is not None:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
+        # resyncs started from the API run here; their marked pairs stay marked
+        await resync.cancel_jobs()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pool.close(), timeout=5)
         log.info("stopped")

@@ -19,6 +19,12 @@ if ! command -v promtool >/dev/null 2>&1; then
     echo "promtool is missing (Debian package 'prometheus'): the alert rule tests will not run" >&2
   fi
 fi
+# the page's browser tests drive Debian's Chromium (Playwright's own download is not used)
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+    || echo "warning: could not install chromium; the browser tests will fail" >&2
+fi
 .venv/bin/ruff check consumer tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

@@ -137,3 +137,12 @@ except RuntimeError:
     assert events["structured"]["password"] == REDACTED
     assert events["stdlib postgresql://u:[redacted]@db/x"]["logger"] == "aiohttp.client"
     assert all("RuntimeError" in events[e]["exception"] for e in ("failed", "also failed"))
+
+
+def test_fields_that_name_a_secret_are_kept() -> None:
+    event = redact_event(None, "info", {
+        "event": "resync started", "token_id": "tok_3f9a", "secret_names": ["password"],
+        "token": "s3cr3t-value", "access_token": "abc",
+    })
+    assert event["token_id"] == "tok_3f9a" and event["secret_names"] == ["password"]
+    assert event["token"] == event["access_token"] == REDACTED

@@ -152,6 +152,13 @@ class Provider(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the provider found doubtful about its configuration or server (e.g. a
+        server out of support). May change after calls; the dispatcher stores it on
+        the configuration."""
+        return ()
+
     @classmethod
     def from_config(cls, config: SyncConfig, context: ProviderContext) -> Provider:
         raise NotImplementedError(f"{cls.__name__} cannot be built from a configuration")

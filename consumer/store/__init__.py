@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -575,10 +575,10 @@ WITH input AS (
         synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
     FROM input i
     WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
-    RETURNING s.config_id, s.absence_id, i.op
+    RETURNING s.config_id, s.absence_id, i.op, i.mailbox
 )
-INSERT INTO sync_log (config_id, absence_id, operation, outcome)
-SELECT config_id, absence_id, op, 'ok' FROM done WHERE op <> 'noop'
+INSERT INTO sync_log (config_id, absence_id, operation, outcome, mailbox)
+SELECT config_id, absence_id, op, 'ok', mailbox FROM done WHERE op <> 'noop'
 """
 
 
@@ -647,11 +647,14 @@ async def _log(
     code: str | None,
     message: str | None,
 ) -> None:
+    # the mailbox the failed call was for (set before a create), else the target address
+    target = item.absence.employee.target_address if item.absence.employee else None
     await conn.execute(
-        "INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message,"
+        " mailbox) SELECT $1, $2, $3, $4, $5, $6, COALESCE((SELECT mailbox FROM sync_items"
+        " WHERE config_id = $1 AND absence_id = $2), $7)",
         item.config_id, item.absence_id, operation, outcome, code,
-        message[:500] if message else None,
+        message[:500] if message else None, item.mailbox or target,
     )
 
 
@@ -683,3 +686,333 @@ async def status_counts(pool: asyncpg.Pool, config_id: str | None = None) -> dic
         config_id,
     )
     return {r["status"]: int(r["n"]) for r in rows}
+
+
+# --- resync -----------------------------------------------------------------
+#
+# A resync (consumer/resync.py) re-applies the topic beside the live intake,
+# then marks the pairs its filters select, remembering on each pair which job
+# marked it and at which change_seq, so it can tell exactly what became of
+# that write (migration 0005's trigger fills `resync_outcome`).
+
+
+async def record_replayed(conn: asyncpg.Connection, batch: Sequence[Incoming]) -> tuple[int, int]:
+    """`record_absences` for a replay running beside the live intake.
+
+    Both upsert the same absences in their own order; the table lock taken
+    first (it waits for intake transactions in flight and holds new ones for
+    the few milliseconds of this batch) means the two never deadlock. Must run
+    inside the caller's transaction."""
+    await conn.execute("LOCK TABLE absences IN SHARE ROW EXCLUSIVE MODE")
+    return await record_absences(conn, batch)
+
+
+async def absence_versions(
+    pool: asyncpg.Pool | asyncpg.Connection, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """The recorded version of each (tenant, absence id) that is known."""
+    if not keys:
+        return {}
+    rows = await pool.fetch(
+        "SELECT a.tenant, a.id, a.version FROM absences a"
+        " JOIN unnest($1::text[], $2::text[]) AS k(tenant, id)"
+        " ON a.tenant = k.tenant AND a.id = k.id",
+        [k[0] for k in keys], [k[1] for k in keys],
+    )
+    return {(r["tenant"], r["id"]): int(r["version"]) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAbsence:
+    tenant: str
+    id: str
+    version: int
+    deleted: bool
+    data: dict[str, Any]
+
+
+async def resync_scope(
+    pool: asyncpg.Pool,
+    *,
+    tenants: Sequence[str],
+    since: dt.date | None,
+    establishments: Sequence[str] | None,
+    chunk: int = 1000,
+) -> AsyncGenerator[list[StoredAbsence], None]:
+    """The recorded absences a resync's filters select, in chunks, from one
+    consistent snapshot: of `tenants`, ending on or after `since`, of one of
+    `establishments` (None: any). Close the iterator when stopping early."""
+    async with pool.acquire() as conn, conn.transaction(
+        isolation="repeatable_read", readonly=True
+    ):
+        cursor = conn.cursor(
+            "SELECT tenant, id, version, deleted, data FROM absences"
+            " WHERE tenant = ANY($1::text[]) AND ($2::date IS NULL OR end_date >= $2)"
+            " AND ($3::text[] IS NULL OR establishment_id = ANY($3::text[]))",
+            list(tenants), since, list(establishments) if establishments is not None else None,
+            prefetch=chunk,
+        )
+        batch: list[StoredAbsence] = []
+        async for row in cursor:
+            batch.append(StoredAbsence(
+                row["tenant"], row["id"], int(row["version"]), row["deleted"],
+                json.loads(row["data"]),
+            ))
+            if len(batch) >= chunk:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+_MARK = """
+INSERT INTO sync_items AS s (config_id, tenant, absence_id, force, resync_job, resync_seq)
+SELECT i.config_id, i.tenant, i.absence_id, $4, $5, 1
+FROM unnest($1::text[], $2::text[], $3::text[]) AS i(config_id, tenant, absence_id)
+ORDER BY i.config_id, i.absence_id
+ON CONFLICT (config_id, absence_id) DO UPDATE SET
+    change_seq = s.change_seq + 1, status = 'pending', attempts = 0,
+    next_attempt_at = now(), first_failure_at = NULL, force = s.force OR EXCLUDED.force,
+    pending_since = CASE WHEN s.change_seq > s.done_seq THEN s.pending_since ELSE now() END,
+    -- a resync write is not an event's end-to-end latency
+    event_time = NULL, updated_at = now(),
+    resync_job = EXCLUDED.resync_job, resync_seq = s.change_seq + 1, resync_outcome = NULL
+"""
+
+
+async def mark_for_resync(
+    pool: asyncpg.Pool,
+    job_id: str,
+    pairs: Sequence[tuple[str, str, str]],
+    *,
+    force: bool,
+) -> int:
+    """Mark (config id, tenant, absence id) pairs for a write on behalf of job
+    `job_id` (created when missing); returns how many were marked.
+
+    Locks like `record_replayed`, so marking beside the live intake never
+    deadlocks, and holds the configurations so none disappears meanwhile."""
+    if not pairs:
+        return 0
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE absences IN SHARE ROW EXCLUSIVE MODE")
+        configs = sorted({p[0] for p in pairs})
+        alive = {
+            r["id"] for r in await conn.fetch(
+                "SELECT id FROM sync_configs WHERE id = ANY($1::text[]) FOR SHARE", configs
+            )
+        }
+        kept = [p for p in pairs if p[0] in alive]
+        result: str = await conn.execute(
+            _MARK, [p[0] for p in kept], [p[1] for p in kept], [p[2] for p in kept],
+            force, job_id,
+        )
+    return int(result.split()[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncOutcomes:
+    written: int
+    unchanged: int
+    failed: int
+    outstanding: int
+
+
+async def resync_outcomes(pool: asyncpg.Pool, job_id: str) -> ResyncOutcomes:
+    """What became of the writes job `job_id` marked (a pair re-marked by a
+    later job counts for that one)."""
+    row = await pool.fetchrow(
+        "SELECT count(*) FILTER (WHERE resync_outcome = 'written') AS written,"
+        " count(*) FILTER (WHERE resync_outcome = 'unchanged') AS unchanged,"
+        " count(*) FILTER (WHERE resync_outcome = 'failed') AS failed,"
+        " count(*) FILTER (WHERE resync_outcome IS NULL) AS outstanding"
+        " FROM sync_items WHERE resync_job = $1",
+        job_id,
+    )
+    assert row is not None
+    return ResyncOutcomes(
+        int(row["written"]), int(row["unchanged"]), int(row["failed"]), int(row["outstanding"])
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncJob:
+    """One resync job as recorded. `state` is `failed` (error "abandoned ...")
+    for a job whose process stopped renewing its lease."""
+
+    id: str
+    tenant: str | None
+    config_ids: tuple[str, ...]
+    request: dict[str, Any]
+    state: str
+    phase: str
+    records_read: int
+    records_total: int
+    in_scope: int
+    marked: int
+    written: int
+    unchanged: int
+    failed: int
+    summary: dict[str, Any] | None
+    error: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (timestamps in ISO 8601)."""
+        doc: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, dt.datetime):
+                value = value.isoformat()
+            elif isinstance(value, tuple):
+                value = list(value)
+            doc[name] = value
+        return doc
+
+
+_ABANDONED = (
+    "abandoned: the process running it stopped before it finished (no heartbeat since "
+)
+
+
+def _job_from_row(row: asyncpg.Record) -> ResyncJob:
+    state, error, finished = row["state"], row["error"], row["finished_at"]
+    if state == "running" and row["expired"]:
+        state = "failed"
+        error = _ABANDONED + row["updated_at"].isoformat() + ")"
+    return ResyncJob(
+        id=row["id"], tenant=row["tenant"], config_ids=tuple(row["config_ids"]),
+        request=json.loads(row["request"]), state=state, phase=row["phase"],
+        records_read=int(row["records_read"]), records_total=int(row["records_total"]),
+        in_scope=int(row["in_scope"]), marked=int(row["marked"]), written=int(row["written"]),
+        unchanged=int(row["unchanged"]), failed=int(row["failed"]),
+        summary=json.loads(row["summary"]) if row["summary"] is not None else None,
+        error=error, created_at=row["created_at"], updated_at=row["updated_at"],
+        finished_at=finished,
+    )
+
+
+async def begin_resync_job(
+    pool: asyncpg.Pool,
+    *,
+    job_id: str,
+    tenant: str | None,
+    config_ids: Sequence[str],
+    request: dict[str, Any],
+    lease_seconds: float,
+) -> tuple[str, str] | None:
+    """Record a running job holding `config_ids`, all or nothing.
+
+    Returns None when started, or (config id, job id) of a running job that
+    already holds one of them (and then records nothing). Jobs whose lease ran
+    out are closed as abandoned first, so a dead process blocks nobody for
+    longer than its lease."""
+    wanted = sorted(set(config_ids))
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            abandoned = await conn.fetch(
+                "UPDATE resync_jobs SET state = 'failed', finished_at = now(),"
+                " error = $1 || updated_at::text || ')'"
+                " WHERE state = 'running' AND lease_until < now() RETURNING id",
+                _ABANDONED,
+            )
+            await conn.execute(
+                "DELETE FROM resync_locks WHERE job_id = ANY($1::text[])",
+                [r["id"] for r in abandoned],
+            )
+        while True:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute(
+                    "INSERT INTO resync_jobs (id, tenant, config_ids, request, lease_until)"
+                    " VALUES ($1, $2, $3::text[], $4::jsonb,"
+                    " now() + make_interval(secs => $5))",
+                    job_id, tenant, list(config_ids), json.dumps(request), lease_seconds,
+                )
+                # a concurrent start of the same configuration waits here on the
+                # key until the other one commits, then finds it taken
+                taken = await conn.fetch(
+                    "INSERT INTO resync_locks (config_id, job_id)"
+                    " SELECT c, $2 FROM unnest($1::text[]) AS c ORDER BY c"
+                    " ON CONFLICT (config_id) DO NOTHING RETURNING config_id",
+                    wanted, job_id,
+                )
+                holder = None
+                if len(taken) < len(wanted):
+                    holder = await conn.fetchrow(
+                        "SELECT config_id, job_id FROM resync_locks"
+                        " WHERE config_id = ANY($1::text[]) AND job_id <> $2"
+                        " ORDER BY config_id LIMIT 1",
+                        wanted, job_id,
+                    )
+            except BaseException:
+                await transaction.rollback()
+                raise
+            if len(taken) == len(wanted):
+                await transaction.commit()
+                return None
+            await transaction.rollback()
+            if holder is not None:
+                return str(holder["config_id"]), str(holder["job_id"])
+            # the holder finished between the two statements: try again
+
+
+_JOB_COUNTERS = (
+    "records_read", "records_total", "in_scope", "marked", "written", "unchanged", "failed"
+)
+
+
+async def renew_resync_job(
+    pool: asyncpg.Pool,
+    job_id: str,
+    *,
+    phase: str,
+    counters: dict[str, int],
+    lease_seconds: float,
+) -> bool:
+    """Store progress and extend the lease; False when the job is no longer
+    this process's (it was closed as abandoned meanwhile)."""
+    result: str = await pool.execute(
+        "UPDATE resync_jobs SET phase = $2, records_read = $3, records_total = $4,"
+        " in_scope = $5, marked = $6, written = $7, unchanged = $8, failed = $9,"
+        " lease_until = now() + make_interval(secs => $10), updated_at = now()"
+        " WHERE id = $1 AND state = 'running'",
+        job_id, phase, *(counters.get(k, 0) for k in _JOB_COUNTERS), lease_seconds,
+    )
+    return result.split()[-1] != "0"
+
+
+async def finish_resync_job(
+    pool: asyncpg.Pool,
+    job_id: str,
+    *,
+    succeeded: bool,
+    counters: dict[str, int],
+    summary: dict[str, Any] | None,
+    error: str | None,
+) -> None:
+    """Close a job (unless already closed as abandoned) and free its configurations."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE resync_jobs SET state = $2, phase = 'done', records_read = $3,"
+            " records_total = $4, in_scope = $5, marked = $6, written = $7, unchanged = $8,"
+            " failed = $9, summary = $10::jsonb, error = $11, finished_at = now(),"
+            " updated_at = now() WHERE id = $1 AND state = 'running'",
+            job_id, "succeeded" if succeeded else "failed",
+            *(counters.get(k, 0) for k in _JOB_COUNTERS),
+            json.dumps(summary) if summary is not None else None, error,
+        )
+        await conn.execute("DELETE FROM resync_locks WHERE job_id = $1", job_id)
+
+
+async def get_resync_job(pool: asyncpg.Pool, job_id: str, tenant: str) -> ResyncJob | None:
+    """Job `job_id` if it is `tenant`'s (None for another tenant's, as for an unknown id)."""
+    row = await pool.fetchrow(
+        "SELECT *, (state = 'running' AND lease_until < now()) AS expired"
+        " FROM resync_jobs WHERE id = $1 AND tenant = $2",
+        job_id, tenant,
+    )
+    return _job_from_row(row) if row is not None else None

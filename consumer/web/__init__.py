@@ -1,10 +1,13 @@
-"""HTTP: /metrics, /healthz, /readyz, and the Microsoft 365 consent redirect."""
+"""HTTP: /metrics, /healthz, /readyz, the Microsoft 365 consent redirect, and the
+administration API (`/api/v1`, see `api.py`) and page (`/`, see `page.py`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -14,6 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from consumer import logs, store
 from consumer.metrics import Metrics
 from consumer.providers.base import ProviderError
+from consumer.secrets import SecretBox
+from consumer.settings import Settings
+from consumer.store import admin as admin_store
 
 log = logs.get("web")
 
@@ -28,6 +34,12 @@ class WebState:
     #: (directory, configuration id) -> None once a token for the directory is
     #: obtained, else raises ProviderError; None: no Microsoft 365 application configured
     confirm_consent: Callable[[str, str], Awaitable[None]] | None = None
+    # for the administration API and page: consent links, secrets of configurations
+    settings: Settings | None = None
+    box: SecretBox = field(default_factory=lambda: SecretBox(None))
+    #: Kafka bootstrap servers, for resyncs started from the API or the page
+    bootstrap: str | None = None
+    housekeeping_seconds: float = 2.0
 
 
 STATE = web.AppKey("state", WebState)
@@ -154,11 +166,36 @@ def _page(title: str, text: str, status: int = 200) -> web.Response:
     return web.Response(text=body, content_type="text/html", status=status)
 
 
+async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
+    """Removes the configurations whose purge has finished (see `Admin.delete`)."""
+    state = app[STATE]
+
+    async def loop() -> None:
+        while True:
+            try:
+                for config_id in await admin_store.finish_purges(state.pool):
+                    log.info("configuration purged and removed", config=config_id)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("purge check failed", error=str(exc))
+            await asyncio.sleep(state.housekeeping_seconds)
+
+    task = asyncio.create_task(loop(), name="web-housekeeping")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(state: WebState) -> web.Application:
-    app = web.Application()
+    from consumer.web import api, page
+
+    app = web.Application(middlewares=[page.security_headers])
     app[STATE] = state
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/consent/microsoft365/callback", consent_callback)
+    api.setup(app)
+    page.setup(app)
+    app.cleanup_ctx.append(_housekeeping)
     return app

@@ -1,0 +1,350 @@
+"""The OpenAPI 3.1 document of /api/v1 (served at /api/v1/openapi.json).
+
+Kept beside the handlers and checked by the tests against real responses:
+every route must be described, and every response a test receives must
+validate against the schema documented for its status.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+from consumer.health import STATUSES
+
+_TS = {"type": ["string", "null"], "format": "date-time"}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    meaning = {
+        400: "The request is malformed; the message says what to fix.",
+        401: "No token, or an unknown or revoked one.",
+        403: "The token's role is too low for this (or the body names another tenant).",
+        404: "No such resource for this token's tenant (another tenant's is answered "
+             "exactly the same way).",
+        409: "A resync of this configuration is already running (the message names it).",
+        503: "The broker or the database cannot be reached now; try again.",
+    }
+    return {str(s): _json(_ERROR_REF, meaning[s]) for s in statuses}
+
+
+_ID_PARAM = {
+    "name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+    "description": "The configuration id.",
+}
+
+_COMPONENTS: dict[str, Any] = {
+    "securitySchemes": {
+        "bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "A token from `absence-sync token create --tenant T --role R`.",
+        }
+    },
+    "schemas": {
+        "Error": {
+            "type": "object", "required": ["error"], "additionalProperties": False,
+            "properties": {"error": {
+                "type": "object", "required": ["code", "message"], "additionalProperties": False,
+                "properties": {
+                    "code": {"type": "string", "examples": ["not_found"]},
+                    "message": {"type": "string"},
+                },
+            }},
+        },
+        "Counts": {
+            "type": "object", "additionalProperties": False,
+            "required": ["pending", "synced", "failed", "deleted"],
+            "properties": {s: {"type": "integer", "minimum": 0}
+                           for s in ("pending", "synced", "failed", "deleted")},
+        },
+        "Sync": {
+            "type": "object",
+            "required": ["id", "tenant", "provider", "establishments", "health", "cause",
+                         "consent_url", "warnings", "counts", "last_success_at",
+                         "last_failure_at", "deleting"],
+            "properties": {
+                "id": {"type": "string"},
+                "tenant": {"type": "string"},
+                "provider": {"enum": ["microsoft365", "exchange", "google", "caldav"]},
+                "establishments": {"type": ["array", "null"], "items": {"type": "string"},
+                                   "description": "null: every establishment"},
+                "health": {"enum": list(STATUSES), "description":
+                           "ok; degraded (some mailboxes fail); failing (most mailboxes fail "
+                           "with one cause that lies with the configuration); idle (nothing "
+                           "was ever written). Judged over the last 24 hours of writes; "
+                           "throttling is not a failure."},
+                "cause": {"type": ["string", "null"],
+                          "description": "A sentence that names the fix; null when ok."},
+                "consent_url": {"type": ["string", "null"], "format": "uri", "description":
+                                "Microsoft 365: the admin-consent link, when consent is "
+                                "missing."},
+                "warnings": {"type": "array", "items": {"type": "string"}},
+                "counts": {"$ref": "#/components/schemas/Counts"},
+                "last_success_at": _TS,
+                "last_failure_at": _TS,
+                "deleting": {"type": "boolean", "description":
+                             "A purge is deleting this configuration's events; it disappears "
+                             "when none is left."},
+            },
+        },
+        "SyncDetail": {
+            "allOf": [{"$ref": "#/components/schemas/Sync"}],
+            "type": "object",
+            "required": ["revision", "updated_at", "configuration", "secrets"],
+            "properties": {
+                "revision": {"type": "integer"},
+                "updated_at": {"type": "string", "format": "date-time"},
+                "configuration": {"$ref": "#/components/schemas/Configuration"},
+                "secrets": {"type": "array", "items": {"type": "string"},
+                            "description": "Names of the stored secrets (never values)."},
+            },
+        },
+        "SyncList": {
+            "type": "object", "required": ["syncs"], "additionalProperties": False,
+            "properties": {"syncs": {"type": "array",
+                                     "items": {"$ref": "#/components/schemas/Sync"}}},
+        },
+        "Configuration": {
+            "type": "object", "required": ["provider"],
+            "description": "A configuration in the shape of a `config apply` entry: the "
+            "fields of a sync configuration plus a block named after the provider. In a "
+            "request, `id` and `tenant` may be left out (they default to the URL's id and "
+            "the token's tenant; another value is refused); secrets are given as values in "
+            "the provider block (e.g. `\"password\": \"...\"`), never as `*_env` or "
+            "`*_file`; a secret left out keeps its stored value, `null` removes it. "
+            "Responses never hold a secret.",
+            "properties": {
+                "id": {"type": "string"},
+                "tenant": {"type": "string"},
+                "provider": {"enum": ["microsoft365", "exchange", "google", "caldav"]},
+                "establishments": {"type": ["array", "null"], "items": {"type": "string"}},
+                "hide_labels": {"type": "boolean"},
+                "hidden_label": {"type": "string"},
+                "whole_days_as_timed": {"type": "boolean"},
+                "morning": {"type": "string", "examples": ["09:00-12:30"]},
+                "afternoon": {"type": "string", "examples": ["13:30-18:00"]},
+                "time_zone": {"type": "string"},
+                "sync_pending": {"type": "boolean"},
+                "busy_as": {"enum": ["busy", "oof"]},
+                "free_as": {"enum": ["free", "workingElsewhere"]},
+                "private": {"type": "boolean"},
+                "category": {"type": ["string", "null"]},
+                "microsoft365": {"type": "object"},
+                "exchange": {"type": "object"},
+                "google": {"type": "object"},
+                "caldav": {"type": "object"},
+            },
+        },
+        "Item": {
+            "type": "object", "additionalProperties": False,
+            "required": ["absence_id", "employee_email", "mailbox", "state", "code", "message",
+                         "hint", "attempts", "event_id", "updated_at"],
+            "properties": {
+                "absence_id": {"type": "string"},
+                "employee_email": {"type": ["string", "null"]},
+                "mailbox": {"type": ["string", "null"],
+                            "description": "The calendar written (or to write)."},
+                "state": {"enum": ["pending", "synced", "failed", "deleted"]},
+                "code": {"type": ["string", "null"], "description": "Last error code: "
+                         "mailbox_not_found, access_denied, auth_failed, consent_missing, "
+                         "throttled, server_unreachable, tls_untrusted_certificate, "
+                         "invalid_event or provider_error."},
+                "message": {"type": ["string", "null"]},
+                "hint": {"type": ["string", "null"], "description": "What to do about it."},
+                "attempts": {"type": "integer", "minimum": 0},
+                "event_id": {"type": ["string", "null"]},
+                "updated_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "ItemsPage": {
+            "type": "object", "required": ["items", "next_cursor"], "additionalProperties": False,
+            "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/components/schemas/Item"}},
+                "next_cursor": {"type": ["string", "null"],
+                                "description": "Pass as `cursor` for the next page; null at "
+                                "the end."},
+            },
+        },
+        "RetryRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"absence_ids": {"type": "array", "items": {"type": "string"}}},
+        },
+        "Requeued": {
+            "type": "object", "required": ["requeued"], "additionalProperties": False,
+            "properties": {"requeued": {"type": "integer", "minimum": 0}},
+        },
+        "ResyncRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "since": {"type": "string", "format": "date",
+                          "description": "Absences whose end date is on or after this date."},
+                "establishments": {"type": "array", "items": {"type": "string"}},
+                "dry_run": {"type": "boolean", "default": False},
+                "force": {"type": "boolean", "default": False,
+                          "description": "Rewrite events even when unchanged."},
+            },
+        },
+        "InScope": {
+            "type": "object", "required": ["in_scope"], "additionalProperties": False,
+            "properties": {"in_scope": {"type": "integer", "minimum": 0, "description":
+                                        "Events the resync would initialize."}},
+        },
+        "Job": {
+            "type": "object",
+            "required": ["id", "sync_id", "state", "phase", "since", "establishments", "force",
+                         "read", "total", "in_scope", "marked", "done", "written", "unchanged",
+                         "failed", "error", "started_at", "finished_at"],
+            "properties": {
+                "id": {"type": "string"},
+                "job_id": {"type": "string", "description": "Same as id (in the 202 answer)."},
+                "sync_id": {"type": "string"},
+                "state": {"enum": ["running", "done", "failed"],
+                          "description": "failed: `error` says why (written pairs stay)."},
+                "phase": {"enum": ["starting", "reading", "selecting", "writing", "done"]},
+                "since": {"type": ["string", "null"], "format": "date"},
+                "establishments": {"type": ["array", "null"], "items": {"type": "string"}},
+                "force": {"type": "boolean"},
+                "read": {"type": "integer", "description": "Topic records read."},
+                "total": {"type": "integer", "description": "Topic records to read."},
+                "in_scope": {"type": "integer"},
+                "marked": {"type": "integer"},
+                "done": {"type": "integer", "description": "Marked absences processed."},
+                "written": {"type": "integer"},
+                "unchanged": {"type": "integer"},
+                "failed": {"type": "integer"},
+                "error": {"type": ["string", "null"]},
+                "started_at": {"type": "string", "format": "date-time"},
+                "finished_at": _TS,
+            },
+        },
+        "Deleting": {
+            "type": "object", "required": ["deleting", "events"], "additionalProperties": False,
+            "properties": {
+                "deleting": {"const": True},
+                "events": {"type": "integer", "minimum": 1,
+                           "description": "Events still to delete."},
+            },
+        },
+    },
+}
+
+
+def _op(summary: str, role: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "description": f"Role: `{role}` or higher.",
+        "security": [{"bearer": []}],
+        "responses": responses,
+        **extra,
+    }
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_PATHS: dict[str, Any] = {
+    "/syncs": {
+        "get": _op("The tenant's sync configurations with their health", "read",
+                   {"200": _json(_ref("SyncList"), "The configurations."), **_errors(401)}),
+    },
+    "/syncs/{id}": {
+        "parameters": [_ID_PARAM],
+        "get": _op("One configuration: health, counts and settings (never secrets)", "read",
+                   {"200": _json(_ref("SyncDetail"), "The configuration."),
+                    **_errors(401, 404)}),
+        "put": _op(
+            "Create or replace a configuration", "configure",
+            {"200": _json(_ref("SyncDetail"), "Replaced."),
+             "201": _json(_ref("SyncDetail"), "Created."), **_errors(400, 401, 403, 404)},
+            requestBody={"required": True, "content": {
+                "application/json": {"schema": _ref("Configuration")}}},
+        ),
+        "delete": _op(
+            "Delete a configuration", "configure",
+            {"202": _json(_ref("Deleting"), "Purge under way: the configuration is removed "
+                          "once its events are deleted."),
+             "204": {"description": "Deleted."}, **_errors(400, 401, 403, 404)},
+            parameters=[{
+                "name": "purge", "in": "query", "required": False,
+                "schema": {"type": "boolean", "default": False},
+                "description": "Also delete the calendar events this configuration wrote. "
+                "Without it the events stay in the calendars.",
+            }],
+        ),
+    },
+    "/syncs/{id}/items": {
+        "parameters": [_ID_PARAM],
+        "get": _op(
+            "Per absence: state, mailbox, last error with its hint", "read",
+            {"200": _json(_ref("ItemsPage"), "One page, in absence id order."),
+             **_errors(400, 401, 404)},
+            parameters=[
+                {"name": "state", "in": "query", "required": False,
+                 "schema": {"enum": ["pending", "synced", "failed", "deleted"]}},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
+                {"name": "cursor", "in": "query", "required": False,
+                 "schema": {"type": "string"}},
+            ],
+        ),
+    },
+    "/syncs/{id}/retry": {
+        "parameters": [_ID_PARAM],
+        "post": _op(
+            "Re-queue failed items now (all, or the given absences)", "manage",
+            {"200": _json(_ref("Requeued"), "How many were re-queued."),
+             **_errors(400, 401, 403, 404)},
+            requestBody={"required": False, "content": {
+                "application/json": {"schema": _ref("RetryRequest")}}},
+        ),
+    },
+    "/syncs/{id}/resync": {
+        "parameters": [_ID_PARAM],
+        "post": _op(
+            "Synchronize again from a date: count first (dry_run), then start a job",
+            "manage",
+            {"200": _json(_ref("InScope"), "Dry run: the count, nothing touched."),
+             "202": _json(_ref("Job"), "Started; follow it at /jobs/{id} (Location)."),
+             **_errors(400, 401, 403, 404, 409, 503)},
+            requestBody={"required": False, "content": {
+                "application/json": {"schema": _ref("ResyncRequest")}}},
+        ),
+    },
+    "/jobs/{id}": {
+        "parameters": [{"name": "id", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "get": _op("A resync job's progress and summary", "read",
+                   {"200": _json(_ref("Job"), "The job."), **_errors(401, 404)}),
+    },
+}
+
+
+@cache
+def _document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "absence-sync administration API",
+            "version": "1",
+            "description": "Monitoring and administration of a tenant's sync configurations. "
+            "Every call needs `Authorization: Bearer TOKEN`; a token belongs to one tenant and "
+            "has a role: read (monitoring), manage (also retry and resync), configure (also "
+            "create, edit and delete configurations). Another tenant's resources answer 404 "
+            "exactly as if they did not exist.",
+        },
+        "servers": [{"url": "/api/v1"}],
+        "paths": _PATHS,
+        "components": _COMPONENTS,
+    }
+
+
+def document() -> dict[str, Any]:
+    """A fresh copy (callers may change it)."""
+    return copy.deepcopy(_document())
