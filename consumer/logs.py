@@ -43,6 +43,12 @@ _SECRET_NAME = re.compile(
     r"(?i)(passw(or)?d|passphrase|secret|token|authorization|api_?key|private_?key|"
     r"service_account|credential|cookie)"
 )
+_SECRET_KEYWORDS = ("passw", "secret", "token", "apikey", "api_key", "privatekey",
+                    "private_key")
+# a key naming a secret; keys that only name or point at one (`password_env`) excluded
+_KEY = (r"[\w.-]*(?:passw(?:or)?d|secret|token|api_?key|private_?key)[\w.-]*"
+        r"(?<!_env)(?<!_file)(?<!_id)(?<!_ids)(?<!_name)(?<!_names)")
+
 # (cheap trigger: lowercase substrings, one of which must be present; pattern; replacement).
 # The triggers keep the cost of a line without credentials to a few string scans.
 _PATTERNS: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
@@ -60,12 +66,19 @@ _PATTERNS: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
     # scheme://user:password@host
     (("://",), re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):[^\s/@]*@"),
      rf"\1:{REDACTED}@"),
-    # password=..., "client_secret": "...", sasl_password: ... (query strings, forms, JSON)
-    (("passw", "secret", "token", "apikey", "api_key", "privatekey", "private_key"),
-     re.compile(
-         r"(?i)((?:passw(?:or)?d|secret|token|api_?key|private_?key)[\w.-]*[\"']?"
-         r"\s*[=:]\s*[\"']?)([^\s\"'&,;]+)"
-     ), rf"\1{REDACTED}"),
+    # a secret-named key with its value: `password=...` (query strings, forms, DSNs),
+    # `"client_secret": "..."` (JSON, reprs), `sasl_password: ...` at the start of a
+    # line (YAML). Not prose such as "field 'caldav.password': give it as ...", and
+    # not keys that only name or point at a secret (`password_env`, `token_id`).
+    (_SECRET_KEYWORDS, re.compile(
+        rf"(?i)(\b{_KEY}\s*=\s*)([^\s\"'&,;]+)"
+    ), rf"\1{REDACTED}"),
+    (_SECRET_KEYWORDS, re.compile(
+        rf"(?i)([\"']{_KEY}[\"']\s*:\s*[\"'])([^\"']*)"
+    ), rf"\1{REDACTED}"),
+    (_SECRET_KEYWORDS, re.compile(
+        rf"(?im)(^\s*-?\s*{_KEY}\s*:\s+)(\S+)"
+    ), rf"\1{REDACTED}"),
 )
 
 _TRIGGERS = tuple(dict.fromkeys(t for triggers, _, _ in _PATTERNS for t in triggers))

@@ -146,3 +146,13 @@ def test_fields_that_name_a_secret_are_kept() -> None:
     })
     assert event["token_id"] == "tok_3f9a" and event["secret_names"] == ["password"]
     assert event["token"] == event["access_token"] == REDACTED
+
+
+@pytest.mark.parametrize("text", [
+    "field 'caldav.password': give secrets as 'password_env' or 'password_file', never inline",
+    "field 'caldav.password_env': environment variable 'DAV_PASSWORD' is not set",
+    "token_id=tok_3f9a password_file=/run/secrets/dav",
+])
+def test_messages_about_secrets_are_kept(text: str) -> None:
+    """Configuration errors name the keys and variables; only values are secret."""
+    assert redact_text(text) == text

@@ -1,7 +1,7 @@
 """No secret in any log line, metric, HTTP response or CLI output (SPEC section 11).
 
-`absence-sync run` (DEBUG logging) works for a Microsoft 365 and a CalDAV
-configuration through failures and throttling, against HTTPS doubles whose
+`absence-sync run` (DEBUG logging) works for a Microsoft 365, a CalDAV and an
+Exchange configuration through failures and throttling, against HTTPS doubles whose
 error answers quote the request's credentials back (as some gateways' error
 pages do) and a login service whose error echoes the client secret. Then
 every output a person or a system could read is searched for every secret:
@@ -11,7 +11,8 @@ the monitoring API shows (the sync log and item errors in PostgreSQL), and
 
 The test proves the guards work, not only that nothing happened to leak: it
 asserts that the echoed credentials did reach the worker and were replaced by
-`[redacted]`. To add a provider (Exchange), add a `ProviderCase`.
+`[redacted]`. Each provider is a `ProviderCase` (Microsoft 365, CalDAV,
+Exchange); a new provider adds one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from cryptography.fernet import Fernet
 
 from consumer.settings import Settings
 from tests.conftest import Publisher, event, settings_env, wait_until
+from tests.ews_server import EwsServer
 from tests.graph_server import GraphServer
 from tests.workerproc import WorkerProcess
 
@@ -48,6 +50,8 @@ DIRECTORY = "5e8d7c6b-0000-4000-8000-00000000f00d"
 MS_CLIENT_SECRET = "ms-Cl1ent-S3cret~" + uuid.uuid4().hex
 DAV_USER = "sync-bot"
 DAV_PASSWORD = "dav-Pa55w0rd;" + uuid.uuid4().hex[:12]
+EWS_USER = "svc-secrets"
+EWS_PASSWORD = "ews-Pa55w0rd!" + uuid.uuid4().hex[:12]
 REDACTED = "[redacted]"
 
 
@@ -135,6 +139,7 @@ def _multistatus(email: str, events: dict[str, bytes]) -> str:
 class World:
     graph: GraphServer
     dav: DavDouble
+    ews: EwsServer
     tmp: Path
     env: dict[str, str] = field(default_factory=dict)
 
@@ -179,6 +184,21 @@ def _dav_setup(world: World) -> tuple[list[str], str]:
     return ["ann@acme.test", "bob@acme.test"], "nobody@acme.test"
 
 
+def _ews_basic(world: World) -> str:
+    return base64.b64encode(f"{world.ews.username}:{EWS_PASSWORD}".encode()).decode()
+
+
+def _ews_setup(world: World) -> tuple[list[str], str]:
+    ews = world.ews
+    boxes = [ews.add_mailbox(f"{name}@acme.test") for name in ("ann", "bob")]
+    # busy, then a gateway that quotes the request's credentials, twice
+    ews.script("*", back_off_ms=500)
+    echo = f"gateway error; request had Authorization: Basic {_ews_basic(world)}"
+    ews.script("*", status=503, retry_after="1", message=echo)
+    ews.script("*", status=500, message=f"{echo}; password={EWS_PASSWORD}")
+    return boxes, "nobody@acme.test"
+
+
 PROVIDER_CASES = [
     ProviderCase(
         config_id="acme-o365",
@@ -201,6 +221,16 @@ PROVIDER_CASES = [
         setup=_dav_setup,
         settled=lambda w: not w.dav.faults,
     ),
+    ProviderCase(
+        config_id="acme-ews",
+        provider="exchange",
+        block=lambda w: (f"{{url: '{w.ews.url}', username: '{w.ews.username}', "
+                         "password_env: TEST_EWS_PASSWORD, auth: basic}"),
+        env={"TEST_EWS_PASSWORD": EWS_PASSWORD},
+        secrets=lambda w: [EWS_PASSWORD, _ews_basic(w)],
+        setup=_ews_setup,
+        settled=lambda w: not w.ews.scripts,
+    ),
 ]
 
 
@@ -213,9 +243,13 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     await graph.start(tmp_path)
     dav = DavDouble(DAV_USER, DAV_PASSWORD)
     await dav.start(ca)
+    ews = EwsServer(ca=ca, auth=("basic",), user=EWS_USER, upn=f"{EWS_USER}@acme.test",
+                    password=EWS_PASSWORD)
+    await ews.start(tmp_path / "ews")
     try:
-        yield World(graph, dav, tmp_path)
+        yield World(graph, dav, ews, tmp_path)
     finally:
+        await ews.stop()
         await dav.stop()
         await graph.stop()
 
@@ -283,7 +317,7 @@ async def test_no_secret_leaves_the_worker(
             if not all(case.settled(world) for case in PROVIDER_CASES):
                 return False
             rows = await pool.fetch("SELECT status FROM sync_items")
-            return len(rows) == 2 * (len(mailboxes) + 1) and all(
+            return len(rows) == len(PROVIDER_CASES) * (len(mailboxes) + 1) and all(
                 r["status"] in ("synced", "failed") for r in rows
             )
 
