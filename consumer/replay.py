@@ -22,6 +22,7 @@ Kafka's `offsets_for_times` rule on a broker that gets it right.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
@@ -66,6 +67,9 @@ class _Partition:
     skipped: int = 0
 
 
+_START_GRACE_SECONDS = 5.0
+
+
 @dataclass
 class TopicReader:
     settings: Settings
@@ -91,10 +95,17 @@ class TopicReader:
             ),
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
-        await self._consumer.start()
+        starting = asyncio.ensure_future(self._consumer.start())
         try:
+            await asyncio.shield(starting)
             await self._assign()
-        except BaseException:
+        except BaseException:  # cancelled too: no connection is left open
+            if not starting.done():
+                # aiokafka loses track of its bootstrap connection when its start is
+                # cancelled midway: let the start finish (briefly), then close
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(starting), _START_GRACE_SECONDS)
+                starting.cancel()
             await self._close_consumer()
             raise
         return self
@@ -200,10 +211,18 @@ class TopicReader:
             await delete_group(self.settings, self.bootstrap, self.group_id)
 
     async def _close_consumer(self) -> None:
-        if self._consumer is not None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
             with contextlib.suppress(KafkaError):
-                await self._consumer.stop()
-            self._consumer = None
+                await consumer.stop()
+        except asyncio.CancelledError:
+            # cancelled while leaving the group: close the connections anyway
+            # (aiokafka offers no public call for this)
+            with contextlib.suppress(Exception):
+                await consumer._client.close()
+            raise
 
 
 async def delete_group(settings: Settings, bootstrap: str, group_id: str) -> bool:
