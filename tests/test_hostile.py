@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -120,16 +120,26 @@ _TARGETED: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
     ("data", "version"): st.integers(min_value=-1, max_value=2**64)
     | st.floats(min_value=0, max_value=2.0**64) | st.sampled_from([Raw(t) for t in RAW_TOKENS]),
 }
+# unknown members are kept (forward compatibility) and stored: what PostgreSQL must accept
+UNKNOWN_MEMBERS = [p for p in PATHS if p[-1] == "unknown"] + [("data", "start", "unknown")]
+_non_finite = st.sampled_from(
+    [Raw("NaN"), Raw("Infinity"), Raw("-Infinity"), Raw("1e400"), Raw("-1e999")]
+) | st.sampled_from([float("nan"), float("inf"), float("-inf")])
+_stored_values = _non_finite | _json_values | st.lists(_non_finite | _scalars, max_size=3)
 
 
 @st.composite
 def mutations(draw: st.DrawFn) -> list[tuple[tuple[str, ...], Any]]:
     changes = []
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(PATHS))
-        targeted = _TARGETED.get(path)
-        value = draw(targeted | _json_values if targeted is not None else _json_values)
-        changes.append((path, value))
+        kind = draw(st.sampled_from(["stored", "targeted", "any"]))
+        if kind == "stored":
+            changes.append((draw(st.sampled_from(UNKNOWN_MEMBERS)), draw(_stored_values)))
+        elif kind == "targeted":
+            path = draw(st.sampled_from(sorted(_TARGETED)))
+            changes.append((path, draw(_TARGETED[path])))
+        else:
+            changes.append((draw(st.sampled_from(PATHS)), draw(_json_values)))
     if draw(st.booleans()):  # the same extreme date at both ends: passes the span rules
         day = draw(_extreme_dates | _dates).isoformat()
         changes += [(("data", "start", "date"), day), (("data", "end", "date"), day)]
@@ -244,6 +254,14 @@ async def _synced(pool: asyncpg.Pool, absence_id: str) -> bool:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(st.lists(hostile_events, min_size=1, max_size=4))
+@example([Hostile([(("data", "unknown"), Raw("NaN"))], True),
+          Hostile([(("data", "employee", "unknown"), [Raw("1e400")])], True)])
+@example([Hostile([(("data", "unknown"), Raw("1" + "0" * 5000))], True),
+          Hostile([(("time",), "0001-01-01T00:00:00+01:00")], True),
+          Hostile([(("time",), "9999-12-31T23:59:59-23:59")], False)])
+@example([Hostile([(("data", "unknown"), "a\x00b")], True),
+          Hostile([(("data", "account", "name"), "\ud800")], False),
+          Hostile([(("data", "employee", "email"), "a@" + "." * 100_000 + " ")], True)])
 async def test_hostile_values_are_recorded_or_dead_lettered_and_intake_goes_on(
     rig: Rig, hostile: list[Hostile]
 ) -> None:
