@@ -79,6 +79,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.intake.batch_lock:
             log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
+        self.intake.assigned -= set(revoked)  # not ready while the group rebalances
         for tp in revoked:  # another member reports these partitions now
             for gauge in (self.intake.metrics.lag_records, self.intake.metrics.lag_seconds):
                 with contextlib.suppress(KeyError):

@@ -32,6 +32,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, unreachable, no such socket
     TimeoutError,  # command_timeout, or a connect that did not complete
     asyncpg.InterfaceError,  # the connection was closed under us
+    asyncpg.exceptions.InternalClientError,  # the protocol broke off mid-statement
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, starting up, cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
@@ -53,10 +54,12 @@ async def connect(
     max_size: int = 10,
     command_timeout: float | None = None,
 ) -> asyncpg.Pool:
-    """A pool; `command_timeout` bounds every statement, so a dead connection
-    (no reset, no answer) raises TimeoutError instead of hanging its caller."""
+    """A pool; `command_timeout` bounds every statement and every new connection,
+    so a dead server (no reset, no answer) raises TimeoutError instead of hanging
+    its caller."""
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout
+        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
+        timeout=command_timeout or 60.0,
     )
     assert pool is not None
     return pool
