@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from consumer.metrics import DEPENDENCIES, Metrics
 
 INTERNAL = "internal"  # not a dependency: a bug in our own code, retried all the same
+KAFKA_UNREACHABLE = "kafka: brokers unreachable"  # a readiness problem
 
 
 @dataclass
 class Health:
     metrics: Metrics
     _since: dict[tuple[str, str], float] = field(default_factory=dict)
+    _probed_down: set[str] = field(default_factory=set)
 
     def failing(self, component: str, dependency: str) -> None:
         """`component` could not get past an error of `dependency` (or INTERNAL) and
@@ -41,6 +43,15 @@ class Health:
                 del self._since[key]
         self._publish()
 
+    def probed(self, dependency: str, reachable: bool) -> None:
+        """What a readiness check found: the gauge also drops while nothing is
+        being retried (an idle consumer does not notice a broker outage)."""
+        if reachable:
+            self._probed_down.discard(dependency)
+        else:
+            self._probed_down.add(dependency)
+        self._publish()
+
     def problems(self) -> list[str]:
         """One fixed sentence per outage being waited out, oldest first."""
         now = time.monotonic()
@@ -52,7 +63,7 @@ class Health:
         ]
 
     def _publish(self) -> None:
-        down = {dependency for _, dependency in self._since}
+        down = {dependency for _, dependency in self._since} | self._probed_down
         for dependency in DEPENDENCIES:
             self.metrics.dependency_up.labels(dependency).set(0 if dependency in down else 1)
 

@@ -36,7 +36,7 @@ from aiokafka.errors import (
 
 from consumer import logs, store
 from consumer.events import InvalidEvent, parse_event
-from consumer.health import INTERNAL, Backoff, Health, traceback_of
+from consumer.health import INTERNAL, KAFKA_UNREACHABLE, Backoff, Health, traceback_of
 from consumer.kafka import client_args
 from consumer.metrics import Metrics
 from consumer.settings import Settings
@@ -422,7 +422,7 @@ class Intake:
             async with asyncio.timeout(KAFKA_PROBE_SECONDS):
                 topics = await self.consumer.topics()
         except (KafkaError, TimeoutError, OSError):
-            return "kafka: brokers unreachable"
+            return KAFKA_UNREACHABLE
         if self.settings.topic not in topics:
             return f"kafka: topic {self.settings.topic} does not exist"
         if not self.assigned:

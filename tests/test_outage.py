@@ -234,6 +234,7 @@ async def test_broker_restart_is_waited_out(
 
         await wait_until(lambda: reported("kafka: brokers unreachable"), timeout=30)
         assert not running.task.done(), "the worker exited when the broker went away"
+        assert dependency_up(running, "kafka") == 0
 
         restarted = EmbeddedKafka.start(own_kafka.port)
         own_kafka.proc = restarted.proc
@@ -245,6 +246,7 @@ async def test_broker_restart_is_waited_out(
         await send(range(50, 100))
         await wait_until(lambda: _synced_in(pool, 100), timeout=60)
         assert not running.task.done()
+        assert dependency_up(running, "kafka") == 1
     assert_written_once(calendar, 100)
 
 

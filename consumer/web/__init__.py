@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer import logs, store
-from consumer.health import Health
+from consumer.health import KAFKA_UNREACHABLE, Health
 from consumer.metrics import Metrics
 
 log = logs.get("web")
@@ -67,10 +67,14 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(
             "postgresql: unreachable" if store.is_unavailable(exc) else "postgresql: query failed"
         )
+    if state.health is not None:
+        state.health.probed("postgresql", not problems)
     if state.kafka_check is not None:
         kafka = await state.kafka_check()
         if kafka is not None:
             problems.append(kafka)
+        if state.health is not None:
+            state.health.probed("kafka", kafka != KAFKA_UNREACHABLE)
     elif not state.kafka_ready():
         problems.append("kafka: no partition assigned yet")
     if state.health is not None:
