@@ -4,6 +4,7 @@ database, against the in-memory calendar."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 import structlog
@@ -306,3 +307,28 @@ async def test_a_bug_in_an_items_work_is_recorded_with_back_off_not_released_sil
 
 async def _failed_once(pool: asyncpg.Pool) -> bool:
     return bool(await pool.fetchval("SELECT attempts = 1 FROM sync_items"))
+
+
+async def test_a_recorded_absence_that_no_longer_validates_fails_its_item_once(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """Say a zone left the zone database after the absence was recorded: its item
+    is marked failed (invalid_event) when leased, instead of being leased again and
+    again; the other items are written."""
+    doc = event("abs-stale-zone", 1)
+    doc["data"]["employee"]["time_zone"] = "Mars/Olympus_Mons"
+    await pool.execute(
+        "INSERT INTO absences (tenant, id, version, deleted, data) VALUES ('acme', $1, 1,"
+        " false, $2::jsonb)", "abs-stale-zone", json.dumps(doc["data"]),
+    )
+    await apply(pool, sync_config())  # backfills an item for the recorded absence
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    async with worker(settings, calendar=calendar):
+        await wait_until(lambda: _status(pool, "abs-stale-zone", "failed"))
+        await wait_until(lambda: _status(pool, "abs-1", "synced"))
+    row = await pool.fetchrow("SELECT * FROM sync_items WHERE absence_id = 'abs-stale-zone'")
+    assert row["last_error_code"] == "invalid_event" and row["attempts"] == 1
+    assert row["lease_until"] is None and row["done_seq"] == row["change_seq"]
+    assert [e.event.mark.absence_id for e in calendar.all()] == ["abs-1"]
