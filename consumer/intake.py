@@ -139,6 +139,7 @@ class Intake:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._stop = asyncio.Event()
+        self.started = False  # the consumer has joined its group once
 
     async def start(self) -> None:
         kafka_args = client_args(self.settings, self.bootstrap)
@@ -159,6 +160,7 @@ class Intake:
         )
         self.consumer.subscribe([self.settings.topic], listener=_Rebalance(self))
         await self.consumer.start()
+        self.started = True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; the batch in flight is finished and committed.
@@ -416,8 +418,8 @@ class Intake:
 
     async def kafka_problem(self) -> str | None:
         """For /readyz: why this worker cannot consume, in fixed words, or None."""
-        if self.consumer is None:
-            return "kafka: not started"
+        if self.consumer is None or not self.started:
+            return "kafka: joining the consumer group"
         try:
             async with asyncio.timeout(KAFKA_PROBE_SECONDS):
                 topics = await self.consumer.topics()

@@ -34,7 +34,7 @@ from tests.pgctl import StoppablePostgres
 # what /readyz may say: fixed words and names from the settings, never an exception's text
 READY_PROBLEM = re.compile(
     r"(postgresql: (unreachable|query failed))"
-    r"|(kafka: (brokers unreachable|not started|no partition assigned yet"
+    r"|(kafka: (brokers unreachable|joining the consumer group|no partition assigned yet"
     r"|topic [\w.-]+ does not exist))"
     r"|((intake|dispatch): ((postgresql|kafka) unavailable|internal error), retrying for \d+ s)"
 )

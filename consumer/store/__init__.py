@@ -628,6 +628,8 @@ async def _log(
 
 # consent links are honoured for a day (`grant_consent`); older states only take room
 CONSENT_STATE_LIFETIME_DAYS = 1
+# a first trim of a long-neglected history may take a while; it holds one connection
+TRIM_STATEMENT_TIMEOUT_SECONDS = 900.0
 TRIMMED_TABLES = ("sync_log", "consent_states")
 MEASURED_TABLES = ("absences", "sync_items", "sync_log", "consent_states")
 
@@ -691,7 +693,9 @@ async def trim(
                 (_TRIM_ITEM_HISTORY, (keep_per_item, batch)),
             ):
                 while True:
-                    done = _count(await conn.execute(statement, *args))
+                    done = _count(await conn.execute(
+                        statement, *args, timeout=TRIM_STATEMENT_TIMEOUT_SECONDS
+                    ))
                     deleted["sync_log"] += done
                     if done < batch:
                         break
@@ -700,7 +704,9 @@ async def trim(
                 CONSENT_STATE_LIFETIME_DAYS,
             ))
             # fresh statistics: the row counts `table_stats` reports come from them
-            await conn.execute("ANALYZE " + ", ".join(MEASURED_TABLES))
+            await conn.execute(
+                "ANALYZE " + ", ".join(MEASURED_TABLES), timeout=TRIM_STATEMENT_TIMEOUT_SECONDS
+            )
             await conn.execute(
                 "INSERT INTO maintenance_runs (job, finished_at) VALUES ('trim', now())"
                 " ON CONFLICT (job) DO UPDATE SET finished_at = EXCLUDED.finished_at"
