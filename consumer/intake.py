@@ -185,9 +185,17 @@ class Intake:
                 break
             try:
                 batches = fetch.result()
-            except KafkaError as exc:
-                self.health.failing("intake", "kafka")
-                log.warning("fetching from Kafka failed; retrying", error_type=type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - waited out; reported on /readyz
+                if isinstance(exc, KafkaError):
+                    self.health.failing("intake", "kafka")
+                    log.warning(
+                        "fetching from Kafka failed; retrying", error_type=type(exc).__name__
+                    )
+                else:
+                    self.metrics.internal_errors.labels("intake").inc()
+                    self.health.failing("intake", INTERNAL)
+                    log.error("fetching from Kafka failed; retrying",
+                              error_type=type(exc).__name__, traceback=traceback_of(exc))
                 await backoff.wait(stop)
                 continue
             if not batches:
@@ -217,7 +225,9 @@ class Intake:
         assert self.consumer is not None
         for tp, records in batches.items():
             if records and tp in self.consumer.assignment():
-                self.consumer.seek(tp, records[0].offset)
+                # a partition revoked meanwhile is read again by its new owner anyway
+                with contextlib.suppress(KafkaError):
+                    self.consumer.seek(tp, records[0].offset)
 
     async def process(self, batches: dict[TopicPartition, list[Any]]) -> None:
         """Record or dead-letter every record of `batches`, then commit their offsets."""

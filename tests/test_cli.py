@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from cryptography.fernet import Fernet, InvalidToken
 
+from consumer import store
 from consumer.embedded import EmbeddedPostgres
 from tests.conftest import dsn_for, event
 
@@ -99,7 +100,10 @@ async def test_migrate_creates_then_is_idempotent(empty_dsn: str) -> None:
     assert "up to date" in second.stdout
     conn = await asyncpg.connect(empty_dsn)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+        migrations = Path(store.__file__).parent / "migrations"
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(
+            list(migrations.glob("*.sql"))
+        )
         assert await conn.fetchval("SELECT count(*) FROM sync_configs") == 0
     finally:
         await conn.close()
