@@ -299,3 +299,4 @@ async def test_hostile_values_are_recorded_or_dead_lettered_and_intake_goes_on(
             assert headers["absence-sync-original-topic"].decode() == topic
             assert headers["absence-sync-original-partition"] == b"0"
     assert rig.running.metrics.internal_errors.labels("intake")._value.get() == 0
+    assert rig.running.metrics.internal_errors.labels("dispatch")._value.get() == 0
