@@ -127,6 +127,9 @@ def _schema() -> dict[str, Any]:
     return schema
 
 
+_PATTERN = Draft202012Validator.VALIDATORS["pattern"]
+
+
 def _bounded_pattern(
     validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
 ) -> Any:
@@ -138,7 +141,6 @@ def _bounded_pattern(
     yield from _PATTERN(validator, pattern, instance, schema)
 
 
-_PATTERN = Draft202012Validator.VALIDATORS["pattern"]
 _ReferenceValidator = validators.extend(Draft202012Validator, {"pattern": _bounded_pattern})
 
 
