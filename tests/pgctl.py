@@ -9,6 +9,7 @@ consumer/embedded.py does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -81,16 +82,24 @@ class StoppablePostgres:
     def _pids(self) -> list[int]:
         """The postmaster and its children (backends and background processes)."""
         pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [pid, *(child.pid for child in children)]
 
     def freeze(self) -> None:
         """Every server process stops answering, connections stay open (a hung host)."""
-        for pid in self._pids():
-            os.kill(pid, signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
         for pid in self._pids():
-            os.kill(pid, signal.SIGCONT)
+            # a backend whose client left exits as soon as it runs again
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def destroy(self) -> None:
         if self.running():

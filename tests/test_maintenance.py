@@ -114,4 +114,8 @@ async def test_the_worker_trims_periodically(settings: Settings, pool: asyncpg.P
         )
         await _history(pool, "acme-cal", "old", [40])
         await wait_until(trimmed, timeout=30)  # and again, at its next turn
-        assert running.metrics.trimmed.labels("sync_log")._value.get() == 44
+
+        async def counted() -> bool:
+            return bool(running.metrics.trimmed.labels("sync_log")._value.get() == 44)
+
+        await wait_until(counted, timeout=30)
