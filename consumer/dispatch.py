@@ -6,6 +6,14 @@ code), executes the action through the configuration's provider, and
 records the outcome. Every item runs in its own task under its tenant's
 semaphore and a timeout: a hanging or failing tenant only ever holds its
 own slots, never another tenant's work nor a Kafka partition.
+
+Nothing ends the dispatcher but a stop: a database outage is waited out
+with a capped back-off (reported on /readyz), both in the leasing loop and
+in an item's own database steps while its lease lasts. An exception other
+than `ProviderError` inside an item's work is a bug of ours: it is logged at
+ERROR with its traceback and recorded on the item as `provider_error` with
+back-off (attempts counted), so the item is neither lost nor leased again
+and again in silence.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import asyncpg
 from consumer import logs, store
 from consumer.coalesce import Coalescer
 from consumer.metrics import Metrics
+from consumer.outages import INTERNAL, Backoff, Outages, traceback_of
 from consumer.plan import Create, Delete, Move, Noop, Recorded, Update, plan
 from consumer.providers import build_provider
 from consumer.providers.base import (
@@ -43,6 +52,11 @@ log = logs.get("dispatch")
 
 ProviderFactory = Callable[[store.StoredConfig], Provider]
 T = TypeVar("T")
+
+INTERNAL_ERROR_HINT = (
+    "An internal error of absence-sync, not a problem of the calendar: retried with "
+    "back-off; the worker's log has the traceback (report it if it persists)."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +102,12 @@ class Dispatcher:
         box: SecretBox | None = None,
         provider_factory: ProviderFactory | None = None,
         context: ProviderContext | None = None,
+        outages: Outages | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.metrics = metrics
+        self.outages = outages or Outages(metrics)
         self.box = box or SecretBox(settings.secret_keys)
         self.context = context or ProviderContext(settings)
         self.factory: ProviderFactory = provider_factory or (
@@ -122,15 +138,40 @@ class Dispatcher:
         self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Lease and start work until `stop` is set; then drain (see `drain`)."""
+        """Lease and start work until `stop` is set; then drain (see `drain`).
+
+        An error while leasing is retried after a capped back-off, never fatal."""
+        backoff = Backoff(self.settings.outage_retry_max_seconds)
         while not stop.is_set():
-            started = await self.tick()
+            try:
+                started = await self.tick()
+            except Exception as exc:  # noqa: BLE001 - waited out; reported on /readyz
+                self._tick_failed(exc)
+                await backoff.wait(stop)
+                continue
+            if backoff.attempts:
+                backoff.reset()
+                self.outages.recovered("dispatch")
+                log.info("dispatch resumed")
             if started:
                 continue
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.dispatch_poll_seconds):
                     await _first(self.wake.wait(), stop.wait())
+
+    def _tick_failed(self, exc: Exception) -> None:
+        if store.is_unavailable(exc):
+            self.outages.failing("dispatch", "postgresql")
+            log.warning("PostgreSQL unavailable; dispatch retries", error_type=type(exc).__name__)
+            return
+        self.outages.failing("dispatch", INTERNAL)
+        self.metrics.internal_errors.labels("dispatch").inc()
+        log.error(
+            "dispatch failed to lease work; retrying",
+            error_type=type(exc).__name__,
+            traceback=traceback_of(exc),
+        )
 
     async def tick(self) -> int:
         """Lease what is due and start a task per item; returns how many started."""
@@ -153,9 +194,15 @@ class Dispatcher:
             busy_tenants=busy,
             lease_seconds=self.settings.lease_seconds,
         )
+        # past this, another replica may lease the item: our own database steps give up
+        deadline = (
+            asyncio.get_running_loop().time()
+            + self.settings.lease_seconds
+            - self.settings.request_timeout_seconds
+        )
         for item in items:
             self._tenant_load[item.tenant] += 1
-            task = asyncio.create_task(self._run_item(item))
+            task = asyncio.create_task(self._run_item(item, deadline))
             self._tasks[task] = item
             task.add_done_callback(self._done)
         self.metrics.in_flight.set(len(self._tasks))
@@ -182,7 +229,10 @@ class Dispatcher:
             task.cancel()
         if leftover:
             await asyncio.gather(*leftover, return_exceptions=True)
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
+            # best effort: if PostgreSQL is away the leases simply expire
+            with contextlib.suppress(
+                OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError
+            ):
                 await store.release(self.pool, list(leftover.values()))
         for _, provider in self._providers.values():
             with contextlib.suppress(Exception):
@@ -213,7 +263,7 @@ class Dispatcher:
         self._warnings[config_id] = stored.warnings
         return stored, provider
 
-    async def _run_item(self, item: store.Claimed) -> None:
+    async def _run_item(self, item: store.Claimed, deadline: float) -> None:
         structlog_ctx = {
             "tenant": item.tenant, "config": item.config_id, "absence": item.absence_id
         }
@@ -221,13 +271,13 @@ class Dispatcher:
         kind = "unknown"
         provider: Provider | None = None
         try:
-            found = await self._provider(item.config_id)
+            found = await self._persist(deadline, lambda: self._provider(item.config_id))
             if found is None:
                 return
             stored, provider = found
             kind = provider.kind
-            operation, desired, outcome = await self._execute(item, stored, provider)
-            await self._finished.submit((item, outcome, operation))
+            operation, desired, outcome = await self._execute(item, stored, provider, deadline)
+            await self._persist(deadline, lambda: self._finished.submit((item, outcome, operation)))
             if operation != "noop" and desired is not None and item.event_time is not None:
                 age = (dt.datetime.now(dt.UTC) - item.event_time).total_seconds()
                 self.metrics.end_to_end.observe(max(0.0, age))
@@ -240,13 +290,33 @@ class Dispatcher:
                 if exc.retriable
                 else None
             )
-            await store.fail(
-                self.pool, item, code=exc.code, message=exc.message, hint=exc.hint,
-                retry_at=retry_at, operation=operation,
-            )
             log.warning(
                 "calendar write failed", code=exc.code, retriable=exc.retriable,
                 retry_after=exc.retry_after, error=exc.message[:300], **structlog_ctx,
+            )
+            await self._record_failure(
+                item, deadline, code=exc.code, message=exc.message, hint=exc.hint,
+                retry_at=retry_at, operation=operation,
+            )
+        except Exception as exc:  # noqa: BLE001 - recorded on the item, never silent
+            if store.is_unavailable(exc):
+                log.warning(
+                    "PostgreSQL unavailable for longer than the lease; the item is retried "
+                    "when its lease expires", error_type=type(exc).__name__, **structlog_ctx,
+                )
+                return
+            self.metrics.internal_errors.labels("dispatch").inc()
+            log.error(
+                "internal error while syncing an item; recorded as provider_error, retried "
+                "with back-off", error_type=type(exc).__name__, operation=operation,
+                traceback=traceback_of(exc), **structlog_ctx,
+            )
+            await self._record_failure(
+                item, deadline, code=PROVIDER_ERROR,
+                message=f"internal error ({type(exc).__name__}) during {operation}",
+                hint=INTERNAL_ERROR_HINT,
+                retry_at=self.policy.next_attempt(item.attempts, None, item.first_failure_at),
+                operation=operation,
             )
         if provider is not None:
             await self._report_warnings(item.config_id, provider)
@@ -263,6 +333,49 @@ class Dispatcher:
         except (OSError, asyncpg.PostgresError) as exc:
             self._warnings.pop(config_id, None)  # tried again after the next call
             log.warning("cannot store configuration warnings", config=config_id, error=str(exc))
+
+    async def _record_failure(
+        self,
+        item: store.Claimed,
+        deadline: float,
+        *,
+        code: str,
+        message: str,
+        hint: str,
+        retry_at: dt.datetime | None,
+        operation: str,
+    ) -> None:
+        """`store.fail`, through a database outage while the lease lasts; if that is
+        not enough, the lease expires and the item is simply tried again."""
+        try:
+            await self._persist(deadline, lambda: store.fail(
+                self.pool, item, code=code, message=message, hint=hint, retry_at=retry_at,
+                operation=operation,
+            ))
+        except Exception as exc:  # noqa: BLE001 - the lease hands the item back
+            log.warning(
+                "could not record a failure; the item is retried when its lease expires",
+                error_type=type(exc).__name__, config=item.config_id, absence=item.absence_id,
+            )
+
+    async def _persist(self, deadline: float, step: Callable[[], Awaitable[T]]) -> T:
+        """One database step of an item, repeated while PostgreSQL is unavailable and
+        the item's lease lasts (`deadline`, loop time). The steps are idempotent."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(self.settings.outage_retry_max_seconds)
+        while True:
+            try:
+                result = await step()
+            except Exception as exc:
+                delay = backoff.next_delay()
+                if not store.is_unavailable(exc) or loop.time() + delay > deadline:
+                    raise
+                self.outages.failing("dispatch", "postgresql")
+                await asyncio.sleep(delay)
+                continue
+            if backoff.attempts:
+                self.outages.recovered("dispatch", "postgresql")
+            return result
 
     @contextlib.asynccontextmanager
     async def _mailbox_slot(self, provider: Provider, mailbox: str) -> AsyncIterator[None]:
@@ -309,7 +422,9 @@ class Dispatcher:
             ) from exc
         except ProviderError:
             raise
-        except (OSError, ValueError, RuntimeError) as exc:
+        except OSError as exc:
+            # a network error the provider did not translate; anything else is a bug
+            # of ours and goes to the item's internal-error path
             raise ProviderError(PROVIDER_ERROR, f"{operation}: {exc}", retriable=True) from exc
         finally:
             self.metrics.requests.labels(kind, operation, outcome).inc()
@@ -318,7 +433,7 @@ class Dispatcher:
             )
 
     async def _execute(
-        self, item: store.Claimed, stored: store.StoredConfig, provider: Provider
+        self, item: store.Claimed, stored: store.StoredConfig, provider: Provider, deadline: float
     ) -> tuple[str, DesiredEvent | None, store.Outcome]:
         config = stored.config
         desired = render(item.absence, config)
@@ -328,7 +443,9 @@ class Dispatcher:
         action = plan(desired, recorded, force=item.force)
 
         async def create(target: DesiredEvent, generation: int) -> str:
-            await self._intents.submit((item, target.mailbox, generation))
+            await self._persist(
+                deadline, lambda: self._intents.submit((item, target.mailbox, generation))
+            )
             tx = transaction_id(item.config_id, item.absence_id, generation)
             event_id = await self._call(
                 provider, target.mailbox, "create",
@@ -359,7 +476,7 @@ class Dispatcher:
                 provider, action.old_mailbox, "delete",
                 lambda: provider.delete(action.old_mailbox, action.old_event_id),
             )
-            await store.forget_event(self.pool, item)
+            await self._persist(deadline, lambda: store.forget_event(self.pool, item))
             event_id = await create(action.desired, generation + 1)
             return "move", desired, _outcome(desired, event_id, action.desired.mailbox)
         assert isinstance(action, Delete)

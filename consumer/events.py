@@ -1,15 +1,19 @@
 """The absence event contract (SPEC section 3): parsing and validation.
 
-`parse_event` is the only way raw Kafka bytes become an `Absence`: JSON
-Schema first (`schemas/absence-event.v1.json`), then the semantic checks a
-schema cannot express. Anything wrong raises `InvalidEvent` with a short
-machine reason (used as the dead-letter header) and a readable detail.
+`parse_event` is the only way raw Kafka bytes become an `Absence`: strict
+JSON (no `NaN`, `Infinity` or numbers beyond the double range), JSON Schema
+(`schemas/absence-event.v1.json`), then the semantic checks a schema cannot
+express. Anything wrong raises `InvalidEvent` with a short machine reason
+(used as the dead-letter header) and a readable detail that names the
+failing JSON path, never the offending value (an event carries personal
+data). No other exception escapes `parse_event` for any input bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 import zoneinfo
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import fastjsonschema
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 Half = Literal["am", "pm"]
 UPSERTED = "absence.upserted"
@@ -33,6 +37,12 @@ _FIRST_DATE = dt.date.min + dt.timedelta(days=1)
 _LAST_DATE = dt.date.max - dt.timedelta(days=1)
 # A JSON escape for NUL or a UTF-16 surrogate: PostgreSQL (jsonb, text) stores neither.
 _SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+# Every string the schema matches against a pattern has a maxLength of at most
+# 2048; some patterns backtrack quadratically, so longer input is not matched.
+_MAX_PATTERN_INPUT = 4096
+# reasons of InvalidEvent that callers may rely on
+INVALID_EVENT = "invalid_event"
+MALFORMED_JSON = "malformed_json"
 
 
 class InvalidEvent(Exception):
@@ -117,10 +127,28 @@ def _schema() -> dict[str, Any]:
     return schema
 
 
+_PATTERN = Draft202012Validator.VALIDATORS["pattern"]
+
+
+def _bounded_pattern(
+    validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
+) -> Any:
+    """The `pattern` keyword, except on strings too long for any patterned field
+    (a pattern such as the e-mail's backtracks quadratically on them)."""
+    if isinstance(instance, str) and len(instance) > _MAX_PATTERN_INPUT:
+        yield ValidationError(f"is longer than {_MAX_PATTERN_INPUT} characters")
+        return
+    yield from _PATTERN(validator, pattern, instance, schema)
+
+
+_ReferenceValidator = validators.extend(Draft202012Validator, {"pattern": _bounded_pattern})
+
+
 @cache
 def validator() -> Draft202012Validator:
     """The reference validator: the judge, and the source of error messages."""
-    return Draft202012Validator(_schema())
+    checker: Draft202012Validator = _ReferenceValidator(_schema())
+    return checker
 
 
 def _as_draft7(node: Any) -> Any:
@@ -164,16 +192,38 @@ def _schema_error(doc: Any) -> str | None:
         return None
     first = errors[0]
     where = "/".join(str(p) for p in first.absolute_path) or "(root)"
-    return f"{where}: {first.message[:300]}"
+    return f"{where}: {_explain(first)}"
 
 
-def _half(raw: dict[str, Any]) -> HalfDay:
+def _explain(error: ValidationError) -> str:
+    """What the failing schema rule wants, from the schema only: jsonschema's own
+    messages quote the instance, which may be personal data."""
+    keyword, expected = error.validator, error.validator_value
+    if keyword == "required":
+        present = error.instance if isinstance(error.instance, dict) else {}
+        missing = [name for name in expected if name not in present]
+        return f"required member {missing[0]!r} is missing" if missing else "a member is missing"
+    if keyword == "type":
+        return f"must be of type {expected}"
+    if keyword in ("enum", "const"):
+        allowed = expected if keyword == "enum" else [expected]
+        return "must be one of " + ", ".join(json.dumps(v) for v in allowed)
+    if keyword in ("minLength", "maxLength", "minimum", "maximum"):
+        return f"breaks {keyword} {expected}"
+    if keyword == "pattern":
+        return "does not have the expected form"
+    if keyword == "not":
+        return "holds a forbidden character (e.g. a line break)"
+    return f"breaks the {keyword!r} rule"
+
+
+def _half(raw: dict[str, Any], where: str) -> HalfDay:
     try:
         day = dt.date.fromisoformat(raw["date"])
     except ValueError as exc:
-        raise InvalidEvent("invalid_date", f"{raw['date']!r} is not a calendar date") from exc
+        raise InvalidEvent("invalid_date", f"{where}/date: not a calendar date") from exc
     if not _FIRST_DATE <= day <= _LAST_DATE:
-        raise InvalidEvent("invalid_date", f"{raw['date']!r} is outside the supported range")
+        raise InvalidEvent("invalid_date", f"{where}/date: outside the supported range")
     half: Half = "am" if raw["half"] == "am" else "pm"
     return HalfDay(day, half)
 
@@ -185,7 +235,9 @@ def _zone(name: str | None) -> str | None:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
         # OSError: a name such as "Europe" that is a directory of the zone database
-        raise InvalidEvent("unknown_time_zone", f"unknown IANA time zone {name!r}") from exc
+        raise InvalidEvent(
+            "unknown_time_zone", "data/employee/time_zone: not a known IANA time zone"
+        ) from exc
     return name
 
 
@@ -195,10 +247,14 @@ def _time(raw: object) -> dt.datetime | None:
     try:
         value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
-        raise InvalidEvent("schema", f"time {raw!r} is not an RFC 3339 timestamp") from exc
+        raise InvalidEvent("schema", "time: not an RFC 3339 timestamp") from exc
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except (ValueError, OverflowError) as exc:
+        # e.g. 0001-01-01T00:00:00+01:00: its UTC form is before year 1
+        raise InvalidEvent(INVALID_EVENT, "time: outside the representable range") from exc
 
 
 def absence_from_data(tenant: str, deleted: bool, data: dict[str, Any]) -> Absence:
@@ -207,12 +263,9 @@ def absence_from_data(tenant: str, deleted: bool, data: dict[str, Any]) -> Absen
         return Absence(tenant=tenant, id=data["id"], version=int(data["version"]), deleted=True)
     emp = data["employee"]
     acc = data["account"]
-    start, end = _half(data["start"]), _half(data["end"])
+    start, end = _half(data["start"], "data/start"), _half(data["end"], "data/end")
     if not start <= end:
-        raise InvalidEvent(
-            "end_before_start",
-            f"end {end.date} {end.half} is before start {start.date} {start.half}",
-        )
+        raise InvalidEvent("end_before_start", "data/end is before data/start")
     if (end.date - start.date).days > MAX_SPAN_DAYS or (
         end.date > _add_years(start.date, 5)
     ):
@@ -262,11 +315,19 @@ def parse_event(raw: bytes | None) -> Event:
     try:
         # JSON between systems is UTF-8 (RFC 8259); json.loads(bytes) would also take UTF-16/32.
         text = raw.decode("utf-8-sig")
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent("malformed_json", str(exc)[:300]) from exc
+        # the messages give a position and at most one byte, never content
+        raise InvalidEvent(MALFORMED_JSON, str(exc)[:300]) from exc
+    except _NotJSON as exc:
+        raise InvalidEvent(MALFORMED_JSON, str(exc)) from exc
+    except _OutOfRange as exc:
+        raise InvalidEvent(INVALID_EVENT, str(exc)) from exc
+    except ValueError as exc:
+        # int(): a literal beyond sys.get_int_max_str_digits() digits
+        raise InvalidEvent(INVALID_EVENT, "an integer has too many digits") from exc
     except RecursionError as exc:
-        raise InvalidEvent("malformed_json", "the document is nested too deeply") from exc
+        raise InvalidEvent(MALFORMED_JSON, "the document is nested too deeply") from exc
     if _too_deep(doc):
         raise InvalidEvent("malformed_json", f"the document is nested deeper than {MAX_DEPTH}")
     if _SUSPECT_ESCAPE.search(text) and _unstorable(doc):
@@ -275,7 +336,10 @@ def parse_event(raw: bytes | None) -> Event:
     if error is not None:
         raise InvalidEvent("schema", error)
     deleted = doc["type"] == DELETED
-    absence = absence_from_data(doc["tenant"], deleted, doc["data"])
+    try:
+        absence = absence_from_data(doc["tenant"], deleted, doc["data"])
+    except (ValueError, OverflowError) as exc:
+        raise InvalidEvent(INVALID_EVENT, "data: a value is outside what can be handled") from exc
     return Event(
         event_id=doc["id"],
         type=doc["type"],
@@ -283,6 +347,25 @@ def parse_event(raw: bytes | None) -> Event:
         absence=absence,
         data=doc["data"],
     )
+
+
+class _NotJSON(ValueError):
+    """`NaN`, `Infinity` or `-Infinity`: accepted by Python's json module, not JSON."""
+
+
+class _OutOfRange(ValueError):
+    """A number such as 1e400 that has no finite double (PostgreSQL's jsonb refuses it)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfRange("a number is beyond the range of a double")
+    return value
 
 
 def _too_deep(doc: object) -> bool:

@@ -1,9 +1,18 @@
-"""Kafka intake (SPEC sections 3 and 7): consume, validate, dead-letter, record, commit.
+"""Kafka intake (SPEC sections 3, 7 and 11): consume, validate, dead-letter, record, commit.
 
-For each batch: invalid events go to the dead-letter topic (awaited), valid
-ones are recorded in one PostgreSQL transaction, and only then are the
-offsets committed. A crash anywhere replays the batch, which the version
-check makes harmless. Only this module knows Kafka.
+For each batch: valid events are recorded in one PostgreSQL transaction,
+invalid ones go to the dead-letter topic (awaited), and only then are the
+offsets committed, so every record is recorded or dead-lettered before its
+offset moves. A crash anywhere replays the batch, which the version check
+makes harmless. Only this module knows Kafka.
+
+Nothing a record holds stops the partition: a record that breaks the
+contract is dead-lettered with its reason; one that PostgreSQL refuses
+(the batch is then recorded record by record) with `refused_by_database`;
+one on which our own code fails with `internal` and the exception's class.
+A dead letter the broker refuses (too large) is sent again truncated.
+Outages are waited out with a capped back-off and reported on /readyz:
+PostgreSQL while recording, Kafka while dead-lettering.
 """
 
 from __future__ import annotations
@@ -11,22 +20,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+)
 
 from consumer import logs, store
 from consumer.errors import Unreachable
 from consumer.events import InvalidEvent, parse_event
 from consumer.kafka import broker_unreachable, client_args
 from consumer.metrics import Metrics
+from consumer.outages import INTERNAL, KAFKA_UNREACHABLE, Backoff, Outages, traceback_of
 from consumer.settings import Settings
 
 log = logs.get("intake")
+T = TypeVar("T")
+
+INTERNAL_REASON = "internal"
+REFUSED_REASON = "refused_by_database"
+# what is kept of a dead letter the broker refused as it was
+TRUNCATED_VALUE_BYTES = 16 * 1024
+TRUNCATED_KEY_BYTES = 1024
+KAFKA_PROBE_SECONDS = 2.0
 
 
 async def ensure_topics(settings: Settings, bootstrap: str, *, create: bool = True) -> list[str]:
@@ -137,6 +161,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.intake.batch_lock:
             log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
+        self.intake.assigned -= set(revoked)  # not ready while the group rebalances
         for tp in revoked:  # another member reports these partitions now
             for gauge in (self.intake.metrics.lag_records, self.intake.metrics.lag_seconds):
                 with contextlib.suppress(KeyError):
@@ -147,6 +172,34 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
 
 
+@dataclass(frozen=True, slots=True)
+class _Valid:
+    tp: TopicPartition
+    record: Any
+    incoming: store.Incoming
+
+
+@dataclass(frozen=True, slots=True)
+class _Dead:
+    tp: TopicPartition
+    record: Any
+    reason: str
+    detail: str
+    exception: str | None = None  # the class, for `internal`
+
+
+class _Stopped(Exception):
+    """Stop was asked while an outage was being waited out: the batch is dropped
+    uncommitted (the next owner of the partition reads it again)."""
+
+
+def _kafka_outage(exc: BaseException) -> bool:
+    """The broker is out of reach (try again), rather than refusing the record."""
+    return isinstance(exc, KafkaConnectionError | KafkaTimeoutError) or bool(
+        getattr(exc, "retriable", False)
+    )
+
+
 class Intake:
     def __init__(
         self,
@@ -155,16 +208,20 @@ class Intake:
         pool: asyncpg.Pool,
         metrics: Metrics,
         on_recorded: Callable[[], None] = lambda: None,
+        outages: Outages | None = None,
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
         self.pool = pool
         self.metrics = metrics
         self.on_recorded = on_recorded
+        self.outages = outages or Outages(metrics)
         self.batch_lock = asyncio.Lock()
         self.assigned: set[TopicPartition] = set()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self._stop = asyncio.Event()
+        self.started = False  # the consumer has joined its group once
 
     async def start(self) -> None:
         try:
@@ -192,10 +249,17 @@ class Intake:
         )
         self.consumer.subscribe([self.settings.topic], listener=_Rebalance(self))
         await self.consumer.start()
+        self.started = True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop` is set; the batch in flight is finished and committed."""
+        """Consume until `stop` is set; the batch in flight is finished and committed.
+
+        Never ends on an error: a fetch error or a batch that fails in our own
+        code is retried after a back-off (the batch is read again from its
+        first offset, nothing is skipped)."""
         assert self.consumer is not None
+        self._stop = stop
+        backoff = Backoff(self.settings.outage_retry_max_seconds)
         while not stop.is_set():
             fetch = asyncio.ensure_future(
                 self.consumer.getmany(timeout_ms=500, max_records=self.settings.batch_size)
@@ -208,35 +272,75 @@ class Intake:
                 with contextlib.suppress(asyncio.CancelledError, KafkaError):
                     await fetch
                 break
-            batches = fetch.result()
-            if batches:
-                async with self.batch_lock:
+            try:
+                batches = fetch.result()
+            except Exception as exc:  # noqa: BLE001 - waited out; reported on /readyz
+                if isinstance(exc, KafkaError):
+                    self.outages.failing("intake", "kafka")
+                    log.warning(
+                        "fetching from Kafka failed; retrying", error_type=type(exc).__name__
+                    )
+                else:
+                    self.metrics.internal_errors.labels("intake").inc()
+                    self.outages.failing("intake", INTERNAL)
+                    log.error("fetching from Kafka failed; retrying",
+                              error_type=type(exc).__name__, traceback=traceback_of(exc))
+                await backoff.wait(stop)
+                continue
+            if not batches:
+                continue
+            async with self.batch_lock:
+                try:
                     await self.process(batches)
+                except _Stopped:
+                    break
+                except Exception as exc:  # noqa: BLE001 - a bug must not stop the partition
+                    self.metrics.internal_errors.labels("intake").inc()
+                    self.outages.failing("intake", INTERNAL)
+                    log.error(
+                        "intake failed on a batch; reading it again",
+                        error_type=type(exc).__name__,
+                        traceback=traceback_of(exc),
+                    )
+                    self._rewind(batches)
+                    await backoff.wait(stop)
+                    continue
+            if backoff.attempts:
+                backoff.reset()
+                self.outages.recovered("intake")
+
+    def _rewind(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Fetch these records again (their offsets were not committed)."""
+        assert self.consumer is not None
+        for tp, records in batches.items():
+            if records and tp in self.consumer.assignment():
+                # a partition revoked meanwhile is read again by its new owner anyway
+                with contextlib.suppress(KafkaError):
+                    self.consumer.seek(tp, records[0].offset)
 
     async def process(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Record or dead-letter every record of `batches`, then commit their offsets."""
         assert self.consumer is not None and self.producer is not None
         started = time.monotonic()
-        incoming: list[store.Incoming] = []
-        dead: list[Any] = []
-        for tp, records in batches.items():
-            for record in records:
-                try:
-                    event = parse_event(record.value)
-                except InvalidEvent as exc:
-                    dead.append(self._dead_letter(tp, record, exc))
-                    continue
-                incoming.append(store.Incoming(event.absence, event.data, event.time))
+        valid, dead = self._validate(batches)
+        applied, stale, refused = await self._record(valid)
+        dead.extend(refused)
         if dead:
-            await asyncio.gather(*dead)
-        async with self.pool.acquire() as conn, conn.transaction():
-            applied, stale = await store.record_absences(conn, incoming)
+            sent = await asyncio.gather(
+                *(self._dead_letter(d) for d in dead), return_exceptions=True
+            )
+            for outcome in sent:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
         try:
             await self.consumer.commit(offsets)
         except KafkaError as exc:
-            # partitions moved meanwhile: the new owner re-reads these records,
-            # which the version check makes harmless
-            log.warning("offset commit failed; records will be re-read", error=str(exc))
+            # partitions moved meanwhile, or the broker is away: the partition's
+            # owner re-reads these records, which the version check makes harmless
+            log.warning(
+                "offset commit failed; records will be re-read", error_type=type(exc).__name__
+            )
         self.metrics.events.labels("applied").inc(applied)
         self.metrics.events.labels("stale").inc(stale)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
@@ -245,27 +349,186 @@ class Intake:
             self.on_recorded()
         log.debug("batch recorded", applied=applied, stale=stale, invalid=len(dead))
 
-    async def _dead_letter(self, tp: TopicPartition, record: Any, exc: InvalidEvent) -> None:
-        assert self.producer is not None
-        headers = [
-            ("absence-sync-reason", exc.reason.encode()),
-            ("absence-sync-error", exc.detail[:500].encode("utf-8", "replace")),
-            ("absence-sync-original-topic", tp.topic.encode()),
-            ("absence-sync-original-partition", str(tp.partition).encode()),
-            ("absence-sync-original-offset", str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(
-            self.settings.dlq_topic, value=record.value, key=record.key, headers=headers
-        )
-        self.metrics.events.labels("invalid").inc()
-        self.metrics.dead_letters.labels(exc.reason).inc()
-        log.warning(
-            "event dead-lettered",
-            reason=exc.reason,
-            detail=exc.detail[:200],
+    def _validate(
+        self, batches: dict[TopicPartition, list[Any]]
+    ) -> tuple[list[_Valid], list[_Dead]]:
+        valid: list[_Valid] = []
+        dead: list[_Dead] = []
+        for tp, records in batches.items():
+            for record in records:
+                try:
+                    event = parse_event(record.value)
+                    incoming = store.Incoming(event.absence, event.data, event.time)
+                except InvalidEvent as exc:
+                    dead.append(_Dead(tp, record, exc.reason, exc.detail))
+                except Exception as exc:  # noqa: BLE001 - one record's bug must not stop the rest
+                    dead.append(self._internal(tp, record, exc, "validating"))
+                else:
+                    valid.append(_Valid(tp, record, incoming))
+        return valid, dead
+
+    def _internal(self, tp: TopicPartition, record: Any, exc: Exception, doing: str) -> _Dead:
+        """A record on which our own code failed: logged as the bug it is, dead-lettered."""
+        self.metrics.internal_errors.labels("intake").inc()
+        log.error(
+            f"internal error {doing} a record; it is dead-lettered",
+            error_type=type(exc).__name__,
+            traceback=traceback_of(exc),
             partition=tp.partition,
             offset=record.offset,
         )
+        return _Dead(
+            tp, record, INTERNAL_REASON, f"absence-sync failed while {doing} it",
+            type(exc).__qualname__,
+        )
+
+    async def _record(self, valid: list[_Valid]) -> tuple[int, int, list[_Dead]]:
+        """Record `valid` in one transaction; if PostgreSQL refuses it, record by record.
+
+        Returns (applied, stale, refused records to dead-letter)."""
+        if not valid:
+            return 0, 0, []
+        incoming = [v.incoming for v in valid]
+        try:
+            applied, stale = await self._waiting_out_database(lambda: self._record_all(incoming))
+        except _Stopped:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused: find the record(s) it refuses
+            log.warning(
+                "PostgreSQL refused a batch; recording it record by record",
+                error_type=type(exc).__name__,
+                sqlstate=getattr(exc, "sqlstate", None),
+            )
+            return await self._waiting_out_database(lambda: self._record_each(valid))
+        return applied, stale, []
+
+    async def _record_all(self, incoming: list[store.Incoming]) -> tuple[int, int]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await store.record_absences(conn, incoming)
+
+    async def _record_each(self, valid: list[_Valid]) -> tuple[int, int, list[_Dead]]:
+        applied = stale = 0
+        refused: list[_Dead] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for item in valid:
+                try:
+                    async with conn.transaction():  # a savepoint: a refusal undoes this record only
+                        one_applied, one_stale = await store.record_absences(conn, [item.incoming])
+                except Exception as exc:
+                    if store.is_unavailable(exc):
+                        raise
+                    refused.append(self._refused(item, exc))
+                    continue
+                applied += one_applied
+                stale += one_stale
+        return applied, stale, refused
+
+    def _refused(self, item: _Valid, exc: Exception) -> _Dead:
+        if isinstance(exc, asyncpg.PostgresError):
+            # the server's message may quote the value: only its class and code are kept
+            return _Dead(
+                item.tp, item.record, REFUSED_REASON,
+                f"PostgreSQL refused the record ({type(exc).__name__}, SQLSTATE {exc.sqlstate})",
+            )
+        return self._internal(item.tp, item.record, exc, "recording")
+
+    async def _waiting_out_database(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, repeated after a capped back-off while PostgreSQL is unavailable."""
+        backoff = Backoff(self.settings.outage_retry_max_seconds)
+        while True:
+            try:
+                result = await attempt()
+            except Exception as exc:
+                if not store.is_unavailable(exc):
+                    raise
+                self.outages.failing("intake", "postgresql")
+                log.warning(
+                    "PostgreSQL unavailable; intake retries the batch",
+                    error_type=type(exc).__name__,
+                )
+                await backoff.wait(self._stop)
+                if self._stop.is_set():
+                    raise _Stopped from exc
+                continue
+            if backoff.attempts:
+                self.outages.recovered("intake", "postgresql")
+            return result
+
+    async def _dead_letter(self, dead: _Dead) -> None:
+        """Send `dead` to the dead-letter topic, waiting out broker outages; a record
+        the broker refuses as it is (too large) goes truncated."""
+        assert self.producer is not None
+        record = dead.record
+        headers = [
+            ("absence-sync-reason", dead.reason.encode()),
+            ("absence-sync-error", dead.detail[:500].encode("utf-8", "replace")),
+            ("absence-sync-original-topic", dead.tp.topic.encode()),
+            ("absence-sync-original-partition", str(dead.tp.partition).encode()),
+            ("absence-sync-original-offset", str(record.offset).encode()),
+        ]
+        if dead.exception is not None:
+            headers.append(("absence-sync-exception", dead.exception.encode()))
+        value: bytes | None = record.value
+        key: bytes | None = record.key
+        truncated = False
+        backoff = Backoff(self.settings.outage_retry_max_seconds)
+        while True:
+            try:
+                await self.producer.send_and_wait(
+                    self.settings.dlq_topic, value=value, key=key, headers=headers
+                )
+                break
+            except Exception as exc:
+                if not truncated and not _kafka_outage(exc):
+                    truncated = True
+                    size = len(value) if value is not None else 0
+                    value = value[:TRUNCATED_VALUE_BYTES] if value is not None else None
+                    key = key[:TRUNCATED_KEY_BYTES] if key is not None else None
+                    headers.append(("absence-sync-truncated", str(size).encode()))
+                    log.warning(
+                        "Kafka refused a dead letter; sending it truncated",
+                        error_type=type(exc).__name__,
+                        partition=dead.tp.partition,
+                        offset=record.offset,
+                        size=size,
+                    )
+                    continue
+                self.outages.failing("intake", "kafka")
+                log.warning(
+                    "dead-letter topic unavailable; retrying",
+                    error_type=type(exc).__name__,
+                    partition=dead.tp.partition,
+                    offset=record.offset,
+                )
+                await backoff.wait(self._stop)
+                if self._stop.is_set():
+                    raise _Stopped from exc
+        if backoff.attempts:
+            self.outages.recovered("intake", "kafka")
+        self.metrics.events.labels("invalid").inc()
+        self.metrics.dead_letters.labels(dead.reason).inc()
+        log.warning(
+            "event dead-lettered",
+            reason=dead.reason,
+            detail=dead.detail[:200],
+            partition=dead.tp.partition,
+            offset=record.offset,
+        )
+
+    async def kafka_problem(self) -> str | None:
+        """For /readyz: why this worker cannot consume, in fixed words, or None."""
+        if self.consumer is None or not self.started:
+            return "kafka: joining the consumer group"
+        try:
+            async with asyncio.timeout(KAFKA_PROBE_SECONDS):
+                topics = await self.consumer.topics()
+        except (KafkaError, TimeoutError, OSError):
+            return KAFKA_UNREACHABLE
+        if self.settings.topic not in topics:
+            return f"kafka: topic {self.settings.topic} does not exist"
+        if not self.assigned:
+            return "kafka: no partition assigned yet"
+        return None
 
     def _observe_lag(self, batches: dict[TopicPartition, list[Any]]) -> None:
         assert self.consumer is not None

@@ -11,6 +11,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from consumer.config import PROVIDERS
 from consumer.providers.base import ERROR_CODES
 
+DEPENDENCIES = ("postgresql", "kafka")
+COMPONENTS = ("intake", "dispatch", "maintenance")
+
+TRIMMED_TABLES = ("sync_log", "consent_states")
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -60,9 +65,42 @@ class Metrics:
             p + "end_to_end_latency_seconds", "From event time to calendar write",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.dependency_up = Gauge(
+            p + "dependency_up",
+            "1 when the worker reaches the dependency, 0 while it waits out an outage",
+            ["dependency"], registry=r,
+        )
+        self.dependency_errors = Counter(
+            p + "dependency_errors",
+            "Errors of a dependency that the worker waited out (retried after a back-off)",
+            ["dependency"], registry=r,
+        )
+        self.internal_errors = Counter(
+            p + "internal_errors",
+            "Unexpected exceptions (bugs) caught, by component; see the ERROR log lines",
+            ["component"], registry=r,
+        )
+        self.table_rows = Gauge(
+            p + "table_rows", "Rows of a database table (PostgreSQL's estimate)", ["table"],
+            registry=r,
+        )
+        self.table_bytes = Gauge(
+            p + "table_size_bytes", "Size of a database table with its indexes", ["table"],
+            registry=r,
+        )
+        self.trimmed = Counter(
+            p + "trimmed_rows", "Rows deleted by the history trim job", ["table"], registry=r
+        )
         # every known label set exists from the start, so rate() sees the first error
         for outcome in ("applied", "stale", "invalid"):
             self.events.labels(outcome)
         for provider in PROVIDERS:
             for code in ERROR_CODES:
                 self.errors.labels(provider, code)
+        for dependency in DEPENDENCIES:
+            self.dependency_up.labels(dependency).set(1)
+            self.dependency_errors.labels(dependency)
+        for component in COMPONENTS:
+            self.internal_errors.labels(component)
+        for table in TRIMMED_TABLES:
+            self.trimmed.labels(table)

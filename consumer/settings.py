@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=1.0, gt=0)
     retry_max_seconds: float = Field(default=900.0, gt=0)
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0, le=600)
+    # outages and bounded storage
+    database_command_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    outage_retry_max_seconds: float = Field(default=10.0, gt=0, le=600)
+    history_keep_days: int = Field(default=30, ge=1, le=3650)
+    history_keep_per_item: int = Field(default=100, ge=1, le=100_000)
+    trim_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
     log_level: str = "INFO"
     log_format: str = "json"
 

@@ -1,9 +1,13 @@
-"""The worker process: intake + dispatcher + HTTP, with a bounded graceful stop.
+"""The worker process: intake + dispatcher + maintenance + HTTP, with a bounded graceful stop.
 
 On SIGTERM (STYLE habit 6): stop taking work, finish the Kafka batch in flight
 and commit it, give calendar writes in flight `shutdown_timeout_seconds` to
 finish (the rest is cancelled and its leases handed back), leave the group,
 close pools.
+
+Once started, the worker outlives PostgreSQL and Kafka outages: intake and
+dispatch wait them out (see `consumer.outages`) and /readyz says what they
+are waiting for. Only start-up (schema, topics, group join) fails fast.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from consumer import logs, resync, store
 from consumer.dispatch import Dispatcher, ProviderFactory
 from consumer.embedded import EmbeddedError, EmbeddedKafka, EmbeddedPostgres
 from consumer.intake import Intake, TopicWatch, ensure_topics
+from consumer.maintenance import Maintenance
 from consumer.metrics import Metrics
+from consumer.outages import Outages
 from consumer.providers.base import ProviderContext, make_ssl_context
 from consumer.secrets import SecretBox
 from consumer.settings import Settings, database_tls_warning
@@ -107,7 +113,11 @@ async def run_worker(
             loop.add_signal_handler(sig, stop.set)
     if not endpoints.embedded_database and (warning := database_tls_warning(endpoints.dsn)):
         log.warning(warning)
-    pool = await store.connect(endpoints.dsn, max_size=max(10, settings.dispatch_concurrency // 4))
+    pool = await store.connect(
+        endpoints.dsn,
+        max_size=max(10, settings.dispatch_concurrency // 4),
+        command_timeout=settings.database_command_timeout_seconds,
+    )
     topics: TopicWatch | None = None
     watching: asyncio.Task[None] | None = None
     try:
@@ -119,20 +129,29 @@ async def run_worker(
             topics = TopicWatch(settings, endpoints.bootstrap)
             watching = asyncio.create_task(topics.run(stop), name="topics")
         context = ProviderContext(settings, make_ssl_context(settings))
+        outages = Outages(metrics)
         dispatcher = Dispatcher(
             settings, pool, metrics, box=SecretBox(settings.secret_keys),
-            provider_factory=provider_factory, context=context,
+            provider_factory=provider_factory, context=context, outages=outages,
         )
-        intake = Intake(settings, endpoints.bootstrap, pool, metrics, dispatcher.notify)
+        intake = Intake(
+            settings, endpoints.bootstrap, pool, metrics, dispatcher.notify, outages=outages
+        )
         state = WebState(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,
             extra_checks=[topics.readiness] if topics is not None else [],
             confirm_consent=_consent_confirmation(settings, context),
             settings=settings, box=dispatcher.box, bootstrap=endpoints.bootstrap,
+            kafka_check=intake.kafka_problem, outages=outages,
         )
         async with _serve(create_app(state), settings) as port:
             # pending work is in PostgreSQL: write it while the group join is under way
-            tasks = [asyncio.create_task(dispatcher.run(stop), name="dispatch")]
+            tasks = [
+                asyncio.create_task(dispatcher.run(stop), name="dispatch"),
+                asyncio.create_task(
+                    Maintenance(settings, pool, metrics).run(stop), name="maintenance"
+                ),
+            ]
             joining = asyncio.create_task(intake.start(), name="intake-start")
             await asyncio.wait([joining, asyncio.create_task(stop.wait())],
                                return_when=asyncio.FIRST_COMPLETED)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -25,6 +25,12 @@ class Running:
     metrics: Metrics
     stop: asyncio.Event
     task: asyncio.Task[None]
+    ports: list[int] = field(default_factory=list)  # the HTTP port, once started
+
+    @property
+    def url(self) -> str:
+        assert self.ports, "the worker has not started yet"
+        return f"http://127.0.0.1:{self.ports[0]}"
 
 
 @contextlib.asynccontextmanager
@@ -43,6 +49,7 @@ async def worker(
 
     stop = asyncio.Event()
     metrics = Metrics()
+    ports: list[int] = []
     task = asyncio.create_task(
         run_worker(
             settings,
@@ -50,9 +57,10 @@ async def worker(
             stop=stop,
             metrics=metrics,
             provider_factory=factory,
+            on_started=ports.append,
         )
     )
-    running = Running(metrics, stop, task)
+    running = Running(metrics, stop, task, ports)
     try:
         yield running
     finally:

@@ -4,8 +4,10 @@ database, against the in-memory calendar."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
+import structlog
 
 from consumer.providers.base import PROVIDER_ERROR, THROTTLED, ProviderError
 from consumer.providers.memory import MemoryCalendar, MemoryProvider
@@ -266,3 +268,67 @@ async def test_slots_held_by_hung_calls_do_not_starve_the_rest(
         await wait_until(fast_done, timeout=30)
         calendar.hanging.clear()
         calendar.released.set()
+
+
+async def test_a_bug_in_an_items_work_is_recorded_with_back_off_not_released_silently(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """An exception other than ProviderError (here from the calendar code) is our
+    bug: logged at ERROR with its traceback, recorded on the item as
+    provider_error with an attempt counted and a back-off, then retried."""
+    await apply(pool, sync_config())
+    calendar = MemoryCalendar()
+    calendar.fail_next(KeyError("jane.doe@acme.com"))  # type: ignore[arg-type]
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    slow_retry = settings.model_copy(update={"retry_base_seconds": 3.0})
+    with structlog.testing.capture_logs() as logs:
+        async with worker(slow_retry, calendar=calendar) as running:
+            await wait_until(lambda: _failed_once(pool))
+            row = await pool.fetchrow("SELECT * FROM sync_items")
+            assert row["last_error_code"] == PROVIDER_ERROR
+            assert row["attempts"] == 1 and row["lease_until"] is None
+            assert row["status"] == "pending"
+            assert "KeyError" in row["last_error_message"]
+            assert "jane.doe" not in row["last_error_message"]
+            assert "internal error" in row["last_error_hint"]
+            delay = await pool.fetchval("SELECT next_attempt_at - now() FROM sync_items")
+            assert delay.total_seconds() > 1  # backed off, not leased again at once
+            await wait_until(lambda: _status(pool, "abs-1", "synced"), timeout=30)
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1
+    assert "KeyError" in errors[0]["traceback"] and "memory.py" in errors[0]["traceback"]
+    assert "jane.doe" not in str(errors[0])
+    assert not [e for e in logs if e["event"] == "calendar write failed"]  # not a calendar error
+    assert running.metrics.internal_errors.labels("dispatch")._value.get() == 1
+    assert [op for op, _ in calendar.calls].count("create") == 2
+    assert len(calendar.all()) == 1
+
+
+async def _failed_once(pool: asyncpg.Pool) -> bool:
+    return bool(await pool.fetchval("SELECT attempts = 1 FROM sync_items"))
+
+
+async def test_a_recorded_absence_that_no_longer_validates_fails_its_item_once(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """Say a zone left the zone database after the absence was recorded: its item
+    is marked failed (invalid_event) when leased, instead of being leased again and
+    again; the other items are written."""
+    doc = event("abs-stale-zone", 1)
+    doc["data"]["employee"]["time_zone"] = "Mars/Olympus_Mons"
+    await pool.execute(
+        "INSERT INTO absences (tenant, id, version, deleted, data) VALUES ('acme', $1, 1,"
+        " false, $2::jsonb)", "abs-stale-zone", json.dumps(doc["data"]),
+    )
+    await apply(pool, sync_config())  # backfills an item for the recorded absence
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    async with worker(settings, calendar=calendar):
+        await wait_until(lambda: _status(pool, "abs-stale-zone", "failed"))
+        await wait_until(lambda: _status(pool, "abs-1", "synced"))
+    row = await pool.fetchrow("SELECT * FROM sync_items WHERE absence_id = 'abs-stale-zone'")
+    assert row["last_error_code"] == "invalid_event" and row["attempts"] == 1
+    assert row["lease_until"] is None and row["done_seq"] == row["change_seq"]
+    assert [e.event.mark.absence_id for e in calendar.all()] == ["abs-1"]

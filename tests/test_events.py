@@ -430,3 +430,101 @@ def test_bad_time_is_rejected(raw: str) -> None:
     doc = base_event()
     doc["time"] = raw
     assert reason_of(encode(doc)) == "schema"
+
+
+# --- strict numbers, conversions and what a rejection may say ----------------------
+
+_NUMBERS: list[tuple[str, str, str]] = [
+    ("nan-in-unknown-member", "NaN", "malformed_json"),
+    ("infinity-in-unknown-member", "Infinity", "malformed_json"),
+    ("minus-infinity", "-Infinity", "malformed_json"),
+    ("float-beyond-double", "1e400", "invalid_event"),
+    ("negative-float-beyond-double", "-1.5E+309", "invalid_event"),
+    ("integer-of-5000-digits", "9" * 5000, "invalid_event"),
+]
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"), [n[1:] for n in _NUMBERS], ids=[n[0] for n in _NUMBERS]
+)
+def test_numbers_postgresql_could_not_store_are_rejected(token: str, reason: str) -> None:
+    raw = encode(base_event()).replace(b'"status"', b'"extra": ' + token.encode() + b', "status"')
+    assert reason_of(raw) == reason
+
+
+def test_numbers_that_fit_are_kept() -> None:
+    raw = encode(base_event()).replace(
+        b'"status"', b'"tiny": 1e-400, "big": ' + b"9" * 4000 + b', "status"'
+    )
+    data = parse_event(raw).data
+    assert data["tiny"] == 0.0 and data["big"] == int("9" * 4000)
+
+
+@pytest.mark.parametrize(
+    "time", ["0001-01-01T00:00:00+00:01", "0001-01-01T05:00:00+23:59", "9999-12-31T23:59:59-00:01"]
+)
+def test_times_whose_utc_form_is_out_of_range_are_invalid_events(time: str) -> None:
+    doc = base_event()
+    doc["time"] = time
+    assert reason_of(encode(doc)) == "invalid_event"
+
+
+def test_extreme_times_that_convert_are_accepted() -> None:
+    doc = base_event()
+    doc["time"] = "0001-01-01T00:00:00-23:59"
+    assert parse_event(encode(doc)).time == dt.datetime(1, 1, 1, 23, 59, tzinfo=UTC)
+
+
+SECRET = "Zq-private-7731"
+
+_LEAKS: list[tuple[str, tuple[str, ...]]] = [
+    ("status", ("data", "status")),
+    ("email", ("data", "employee", "email")),
+    ("calendar-address", ("data", "employee", "calendar_address")),
+    ("time-zone", ("data", "employee", "time_zone")),
+    ("start-date", ("data", "start", "date")),
+    ("half", ("data", "end", "half")),
+    ("time", ("time",)),
+    ("tenant-too-long", ("tenant",)),
+    ("display-name-too-long", ("data", "employee", "display_name")),
+    ("datacontenttype", ("datacontenttype",)),
+    ("counted-as-absence", ("data", "account", "counted_as_absence")),
+]
+
+
+@pytest.mark.parametrize("path", [p for _, p in _LEAKS], ids=[i for i, _ in _LEAKS])
+def test_a_rejection_names_the_path_never_the_value(path: tuple[str, ...]) -> None:
+    doc = base_event()
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = SECRET * 40 if path[-1] in ("tenant", "display_name") else SECRET
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(encode(doc))
+    assert SECRET not in caught.value.detail
+    assert caught.value.detail.startswith("/".join(path)), caught.value.detail
+
+
+def test_a_semantic_rejection_names_the_path_never_the_value() -> None:
+    doc = with_span(("2026-12-05", "am"), ("2026-12-01", "pm"))
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(encode(doc))
+    assert "2026-12" not in caught.value.detail
+    assert caught.value.detail == "data/end is before data/start"
+    doc = base_event()
+    doc["data"]["employee"]["time_zone"] = "Europe/Zq_Private"
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(encode(doc))
+    assert "Zq_Private" not in caught.value.detail
+
+
+def test_an_overlong_string_fails_fast_whatever_the_pattern() -> None:
+    """The e-mail pattern backtracks quadratically: 100 000 characters would take
+    minutes in the reference validator without the length guard."""
+    import time
+
+    doc = base_event()
+    doc["data"]["employee"]["email"] = "a@" + "." * 100_000 + " "
+    started = time.monotonic()
+    assert reason_of(encode(doc)) == "schema"
+    assert time.monotonic() - started < 5

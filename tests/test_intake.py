@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from consumer.events import parse_event
 from consumer.metrics import Metrics
 from consumer.settings import Settings
 from tests.conftest import Publisher, event, wait_until
@@ -144,3 +146,101 @@ async def test_many_mixed_events(
     assert await versions(pool) == expected
     assert len(dead) == invalid
     assert metrics.events.labels("invalid")._value.get() == invalid
+
+
+async def test_dead_letter_too_large_for_the_producer_is_sent_truncated(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """A record the broker accepted but our producer cannot re-send as it is
+    (over its 1 MiB request limit) is dead-lettered truncated, with the original
+    coordinates; the partition goes on behind it."""
+    big = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, max_request_size=4_000_000
+    )
+    await big.start()
+    try:
+        huge = json.dumps(event("abs-huge", 1)).encode() + b" " * 1_300_000
+        meta = await big.send_and_wait(settings.topic, value=huge, key=b"abs-huge", partition=0)
+        await big.send_and_wait(
+            settings.topic, value=json.dumps(event("abs-after", 1)).encode(), key=b"abs-after",
+            partition=0,
+        )
+    finally:
+        await big.stop()
+    async with worker(settings) as metrics:
+        await wait_until(lambda: _has(pool, {"abs-after": 1}))
+        (dead,) = await read_dlq(settings, 1)
+    value, headers = dead
+    assert headers["absence-sync-reason"] == b"too_large"
+    assert int(headers["absence-sync-truncated"]) == len(huge)
+    assert headers["absence-sync-original-topic"].decode() == settings.topic
+    assert headers["absence-sync-original-partition"] == b"0"
+    assert int(headers["absence-sync-original-offset"]) == meta.offset
+    assert 0 < len(value) < 100_000 and huge.startswith(value)
+    assert "abs-huge" not in await versions(pool)
+    assert metrics.dead_letters.labels("too_large")._value.get() == 1
+
+
+async def test_a_record_postgresql_refuses_is_dead_lettered_alone(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """PostgreSQL refuses one record of a batch (here a trigger raises a data
+    error for it): the batch is recorded record by record, that one record is
+    dead-lettered, the others before and after it are recorded."""
+    await pool.execute("""
+        CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.id = 'abs-refused' THEN
+                RAISE EXCEPTION 'refused: %', NEW.data USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_one BEFORE INSERT OR UPDATE ON absences
+            FOR EACH ROW EXECUTE FUNCTION refuse_one();
+    """)
+    for absence_id in ("abs-1", "abs-2", "abs-refused", "abs-3", "abs-4"):
+        doc = event(absence_id, 1)
+        doc["data"]["employee"]["display_name"] = "Private Person"
+        await publisher.producer.send(
+            settings.topic, value=json.dumps(doc).encode(), key=absence_id.encode(), partition=0
+        )
+    await publisher.flush()
+    async with worker(settings) as metrics:
+        await wait_until(lambda: _has(pool, {"abs-1": 1, "abs-2": 1, "abs-3": 1, "abs-4": 1}))
+        (dead,) = await read_dlq(settings, 1)
+    _value, headers = dead
+    assert headers["absence-sync-reason"] == b"refused_by_database"
+    assert b"22023" in headers["absence-sync-error"]
+    assert b"Private Person" not in headers["absence-sync-error"]  # never the server's message
+    assert headers["absence-sync-original-offset"] == b"2"
+    assert "abs-refused" not in await versions(pool)
+    assert metrics.events.labels("applied")._value.get() == 4
+    assert metrics.internal_errors.labels("intake")._value.get() == 0
+
+
+async def test_a_bug_on_one_record_dead_letters_it_as_internal(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The catch-all: an unexpected exception of our own code on one record (a bug
+    injected into the validation step) dead-letters that record with reason
+    `internal` and the exception's class, and nothing else stops."""
+    from consumer import intake
+
+    def buggy(raw: bytes | None) -> Any:
+        if raw is not None and b"abs-bug" in raw:
+            raise KeyError("Jane Doe's sick leave")
+        return parse_event(raw)
+
+    monkeypatch.setattr(intake, "parse_event", buggy)
+    for absence_id in ("abs-1", "abs-bug", "abs-2"):
+        await publisher.send(event(absence_id, 1))
+    await publisher.flush()
+    async with worker(settings) as metrics:
+        await wait_until(lambda: _has(pool, {"abs-1": 1, "abs-2": 1}))
+        (dead,) = await read_dlq(settings, 1)
+    _value, headers = dead
+    assert headers["absence-sync-reason"] == b"internal"
+    assert headers["absence-sync-exception"] == b"KeyError"
+    assert b"Jane" not in headers["absence-sync-error"]
+    assert metrics.internal_errors.labels("intake")._value.get() == 1

@@ -2,6 +2,8 @@
 
 Tables are created by versioned plain-SQL migrations (`migrations/NNNN_*.sql`)
 applied under an advisory lock, so several replicas may start at once.
+`is_unavailable` tells callers which errors are an outage to wait out
+(connection lost, server restarting, timeout) rather than a refusal.
 """
 
 from __future__ import annotations
@@ -18,13 +20,29 @@ import asyncpg
 
 from consumer.config import SyncConfig
 from consumer.errors import Unreachable, dsn_address
-from consumer.events import Absence, absence_from_data
+from consumer.events import Absence, InvalidEvent, absence_from_data
 from consumer.secrets import SecretBox
 
 MIGRATION_LOCK = 0x616273656E6365  # "absence"
 BINDING_LOCK = 0x62696E64  # "bind": configuration ids and directories change one at a time
+TRIM_LOCK = MIGRATION_LOCK + 1
 #: how long an admin-consent link stays usable
 CONSENT_LIFETIME = dt.timedelta(days=1)
+# a migration (an index on a large table) or waiting for another replica's
+# migrations may take far longer than the pool's command_timeout
+MIGRATION_TIMEOUT_SECONDS = 3600.0
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, no such socket
+    TimeoutError,  # command_timeout, or a connect that did not complete
+    asyncpg.InterfaceError,  # the connection was closed under us
+    asyncpg.exceptions.InternalClientError,  # the protocol broke off mid-statement
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, starting up, cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.exceptions.PostgresSystemError,  # 58: I/O error
+    asyncpg.exceptions.TransactionRollbackError,  # 40: deadlock, serialization failure
+)
 
 
 class ConflictError(Exception):
@@ -32,11 +50,28 @@ class ConflictError(Exception):
     directory; nothing was changed. The message names no other tenant."""
 
 
-async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool to `dsn`; `Unreachable` (naming the address, never the password) when
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is (for now) out of reach: try again later. False for a
+    refusal of what was sent (data error, constraint), which repeats."""
+    return isinstance(exc, _UNAVAILABLE)
+
+
+async def connect(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float | None = None,
+) -> asyncpg.Pool:
+    """A pool; `command_timeout` bounds every statement and every new connection,
+    so a dead server (no reset, no answer) raises TimeoutError instead of hanging
+    its caller. `Unreachable` (naming the address, never the password) when
     PostgreSQL cannot be reached or refuses the login or the database."""
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
+            timeout=command_timeout or 60.0,
+        )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise Unreachable(
             "PostgreSQL", dsn_address(dsn), "ABSENCE_SYNC_DATABASE_URL", _db_reason(exc)
@@ -68,8 +103,9 @@ def _migrations() -> list[tuple[int, str, str]]:
 async def migrate(pool: asyncpg.Pool) -> list[str]:
     """Apply pending migrations; returns the names applied (empty when current)."""
     applied: list[str] = []
+    timeout = MIGRATION_TIMEOUT_SECONDS
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK, timeout=timeout)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -81,7 +117,7 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
                 if version in done:
                     continue
                 async with conn.transaction():
-                    await conn.execute(sql)
+                    await conn.execute(sql, timeout=timeout)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                         version,
@@ -503,28 +539,57 @@ async def claim(
     busy_tenants: Sequence[str],
     lease_seconds: float,
 ) -> list[Claimed]:
-    """Lease due items; several replicas never lease the same item."""
+    """Lease due items; several replicas never lease the same item.
+
+    An item whose recorded absence no longer passes validation (say its time
+    zone left the zone database) is marked failed with `invalid_event` here,
+    instead of being leased again and again."""
     rows = await pool.fetch(_CLAIM, limit, list(busy_tenants), per_tenant, lease_seconds)
-    return [
-        Claimed(
-            config_id=r["config_id"],
-            tenant=r["tenant"],
-            absence_id=r["absence_id"],
-            change_seq=r["change_seq"],
-            force=r["force"],
-            event_id=r["event_id"],
-            mailbox=r["mailbox"],
-            applied_hash=r["applied_hash"],
-            generation=r["generation"],
-            intent=r["intent"],
-            attempts=r["attempts"],
-            first_failure_at=r["first_failure_at"],
-            pending_since=r["pending_since"],
-            event_time=r["event_time"],
-            absence=absence_from_data(r["tenant"], r["a_deleted"], json.loads(r["a_data"])),
+    claimed: list[Claimed] = []
+    broken: list[asyncpg.Record] = []
+    for r in rows:
+        try:
+            absence = absence_from_data(r["tenant"], r["a_deleted"], json.loads(r["a_data"]))
+        except (InvalidEvent, ValueError, OverflowError, KeyError, TypeError):
+            broken.append(r)
+            continue
+        claimed.append(
+            Claimed(
+                config_id=r["config_id"],
+                tenant=r["tenant"],
+                absence_id=r["absence_id"],
+                change_seq=r["change_seq"],
+                force=r["force"],
+                event_id=r["event_id"],
+                mailbox=r["mailbox"],
+                applied_hash=r["applied_hash"],
+                generation=r["generation"],
+                intent=r["intent"],
+                attempts=r["attempts"],
+                first_failure_at=r["first_failure_at"],
+                pending_since=r["pending_since"],
+                event_time=r["event_time"],
+                absence=absence,
+            )
         )
-        for r in rows
-    ]
+    if broken:
+        await _fail_unreadable(pool, broken)
+    return claimed
+
+
+async def _fail_unreadable(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -> None:
+    await pool.execute(
+        "UPDATE sync_items s SET done_seq = GREATEST(s.done_seq, i.seq), status ="
+        " CASE WHEN s.change_seq > i.seq THEN 'pending' ELSE 'failed' END,"
+        " attempts = s.attempts + 1, lease_until = NULL, last_error_code = 'invalid_event',"
+        " last_error_message = 'the recorded absence no longer passes validation',"
+        " last_error_hint = 'The HR system must publish this absence again (a newer version).',"
+        " first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()"
+        " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS i(config_id, absence_id, seq)"
+        " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id",
+        [r["config_id"] for r in rows], [r["absence_id"] for r in rows],
+        [r["change_seq"] for r in rows],
+    )
 
 
 async def begin_creates(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, str, int]]) -> None:
@@ -658,10 +723,117 @@ async def _log(
     )
 
 
-async def trim_log(pool: asyncpg.Pool, keep_days: int = 30) -> None:
-    await pool.execute(
-        "DELETE FROM sync_log WHERE at < now() - make_interval(days => $1)", keep_days
+# --- bounded storage ------------------------------------------------------------
+
+# a first trim of a long-neglected history may take a while; it holds one connection
+TRIM_STATEMENT_TIMEOUT_SECONDS = 900.0
+TRIMMED_TABLES = ("sync_log", "consent_states")
+MEASURED_TABLES = ("absences", "sync_items", "sync_log", "consent_states")
+
+
+@dataclass(frozen=True, slots=True)
+class Trimmed:
+    """Rows deleted by one `trim` run, per table."""
+
+    rows: dict[str, int]
+
+
+_TRIM_OLD_HISTORY = """
+DELETE FROM sync_log WHERE id IN (
+    SELECT id FROM sync_log WHERE at < now() - make_interval(days => $1) LIMIT $2
+)
+"""
+
+_TRIM_ITEM_HISTORY = """
+DELETE FROM sync_log WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (
+            PARTITION BY config_id, absence_id ORDER BY id DESC
+        ) AS newer
+        FROM sync_log
+    ) ranked
+    WHERE newer > $1
+    LIMIT $2
+)
+"""
+
+
+async def trim(
+    pool: asyncpg.Pool,
+    *,
+    keep_days: int,
+    keep_per_item: int,
+    min_interval_seconds: float,
+    batch: int = 10_000,
+) -> Trimmed | None:
+    """Delete `sync_log` rows older than `keep_days` or beyond the newest
+    `keep_per_item` of their (configuration, absence), and expired consent states.
+
+    Replicas take turns: the run holds an advisory lock, and is skipped (None)
+    when another replica holds it or when the fleet trimmed less than
+    `min_interval_seconds` ago. Deletes go in batches of `batch` rows, so no
+    statement runs long or holds many locks."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", TRIM_LOCK):
+            return None
+        try:
+            recent = await conn.fetchval(
+                "SELECT finished_at > now() - make_interval(secs => $1)"
+                " FROM maintenance_runs WHERE job = 'trim'",
+                min_interval_seconds,
+            )
+            if recent:
+                return None
+            deleted = {table: 0 for table in TRIMMED_TABLES}
+            for statement, args in (
+                (_TRIM_OLD_HISTORY, (keep_days, batch)),
+                (_TRIM_ITEM_HISTORY, (keep_per_item, batch)),
+            ):
+                while True:
+                    done = _count(await conn.execute(
+                        statement, *args, timeout=TRIM_STATEMENT_TIMEOUT_SECONDS
+                    ))
+                    deleted["sync_log"] += done
+                    if done < batch:
+                        break
+            deleted["consent_states"] = _count(await conn.execute(
+                # consent links are honoured for CONSENT_LIFETIME; older states only take room
+                "DELETE FROM consent_states WHERE created_at < now() - $1::interval",
+                CONSENT_LIFETIME,
+            ))
+            # fresh statistics: the row counts `table_stats` reports come from them
+            await conn.execute(
+                "ANALYZE " + ", ".join(MEASURED_TABLES), timeout=TRIM_STATEMENT_TIMEOUT_SECONDS
+            )
+            await conn.execute(
+                "INSERT INTO maintenance_runs (job, finished_at) VALUES ('trim', now())"
+                " ON CONFLICT (job) DO UPDATE SET finished_at = EXCLUDED.finished_at"
+            )
+            return Trimmed(deleted)
+        finally:
+            if not conn.is_closed():
+                await conn.execute("SELECT pg_advisory_unlock($1)", TRIM_LOCK)
+
+
+def _count(status: str) -> int:
+    return int(status.split()[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class TableStats:
+    rows: int  # PostgreSQL's estimate (pg_class.reltuples), exact after ANALYZE of a small table
+    bytes: int  # with indexes and TOAST
+
+
+async def table_stats(pool: asyncpg.Pool) -> dict[str, TableStats]:
+    """Size of the tables that grow with use; cheap (catalog only, no scan)."""
+    rows = await pool.fetch(
+        "SELECT c.relname, GREATEST(c.reltuples, 0)::bigint AS estimate,"
+        " pg_total_relation_size(c.oid) AS bytes"
+        " FROM pg_class c WHERE c.oid = ANY($1::text[]::regclass[])",
+        list(MEASURED_TABLES),
     )
+    return {r["relname"]: TableStats(int(r["estimate"]), int(r["bytes"])) for r in rows}
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer import logs, store
 from consumer.metrics import Metrics
+from consumer.outages import KAFKA_UNREACHABLE, Outages
 from consumer.providers.base import ProviderError
 from consumer.secrets import SecretBox
 from consumer.settings import Settings
@@ -40,17 +41,24 @@ class WebState:
     #: Kafka bootstrap servers, for resyncs started from the API or the page
     bootstrap: str | None = None
     housekeeping_seconds: float = 2.0
+    # a problem sentence or None; replaces `kafka_ready` when given
+    kafka_check: Callable[[], Awaitable[str | None]] | None = None
+    # the outages intake and dispatch are waiting out
+    outages: Outages | None = None
 
 
 STATE = web.AppKey("state", WebState)
+READY_DATABASE_SECONDS = 2.0  # under the readiness probe's timeout
 
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
-        backlog = await store.backlog(state.pool)
-    except (OSError, asyncpg.PostgresError):
-        pass
+        # bounded: /metrics answers during a database outage too
+        async with asyncio.timeout(READY_DATABASE_SECONDS):
+            backlog = await store.backlog(state.pool)
+    except Exception as exc:  # noqa: BLE001 - the other metrics are served all the same
+        log.debug("backlog not measured", error_type=type(exc).__name__)
     else:
         state.metrics.backlog.set(backlog.pending)
         state.metrics.backlog_age.set(backlog.oldest_seconds)
@@ -63,14 +71,30 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """503 with one fixed sentence per problem (never an exception's text, which
+    may carry a DSN or host), 200 when PostgreSQL and Kafka answer, partitions
+    are assigned and no outage is being waited out."""
     state = request.app[STATE]
     problems: list[str] = []
     try:
-        await state.pool.fetchval("SELECT 1")
-    except (OSError, asyncpg.PostgresError) as exc:
-        problems.append(f"postgresql: {exc}")
-    if not state.kafka_ready():
+        async with asyncio.timeout(READY_DATABASE_SECONDS):
+            await state.pool.fetchval("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - whatever it is, not ready
+        problems.append(
+            "postgresql: unreachable" if store.is_unavailable(exc) else "postgresql: query failed"
+        )
+    if state.outages is not None:
+        state.outages.probed("postgresql", not problems)
+    if state.kafka_check is not None:
+        kafka = await state.kafka_check()
+        if kafka is not None:
+            problems.append(kafka)
+        if state.outages is not None:
+            state.outages.probed("kafka", kafka != KAFKA_UNREACHABLE)
+    elif not state.kafka_ready():
         problems.append("kafka: no partition assigned yet")
+    if state.outages is not None:
+        problems.extend(state.outages.problems())
     for check in state.extra_checks:
         if (problem := await check()) is not None:
             problems.append(problem)
