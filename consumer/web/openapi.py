@@ -168,7 +168,7 @@ _COMPONENTS: dict[str, Any] = {
             },
         },
         "Feed": {
-            "type": "object", "additionalProperties": False,
+            "type": "object",
             "required": ["id", "sync_id", "kind", "employee", "name", "created_at",
                          "last_used_at", "revoked", "revoked_at"],
             "properties": {
