@@ -49,7 +49,7 @@ WINDOW_AHEAD_YEARS = 2
 FORMAT_VERSION = "1"
 MAX_NAME = 255
 #: events kept serialised across requests (a few hundred bytes each)
-EVENT_CACHE_SIZE = 100_000
+EVENT_CACHE_SIZE = 50_000
 
 _BUSY_STATUS: dict[ShowAs, str] = {
     "free": "FREE",

@@ -102,6 +102,29 @@ async def test_create_list_revoke_through_the_api(world: World) -> None:
     assert [f["revoked"] for f in listed["feeds"]] == [True, False]
 
 
+async def test_rules_and_ics_through_put(world: World) -> None:
+    configure = world.token("acme", "configure")
+    rules = {"sick-leave": {"skip": True}, "training": {"label": "Training", "show_as": "free"}}
+    status, body = await world.api.call(
+        "PUT", "/syncs/{sync}", configure, ids={"sync": "acme-new"},
+        json={"provider": "ics", "types": rules},
+    )
+    assert status == 201, body
+    assert body["provider"] == "ics" and body["configuration"]["types"] == rules
+    assert body["configuration"]["ics"] == {}
+    status, body = await world.api.call(
+        "PUT", "/syncs/{sync}", configure, ids={"sync": "acme-new"},
+        json={"provider": "ics", "types": {"training": {"show_as": "away"}}},
+    )
+    assert status == 400
+    assert "field 'types.training.show_as': must be one of" in body["error"]["message"]
+    status, body = await world.api.call(
+        "PUT", "/syncs/{sync}", configure, ids={"sync": "acme-new"},
+        json={"provider": "ics", "ics": {"url": "https://x.example/"}},
+    )
+    assert status == 400 and "field 'ics.url': unknown key" in body["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("sync", "body", "fragment"),
     [
@@ -253,6 +276,24 @@ async def test_page_hides_feed_links_from_readers_and_other_tenants(world: World
     assert await world.pool.fetchval("SELECT count(*) FROM feed_tokens") == 0
     # the page's own assets and forms are unchanged by a feed section
     assert _csrf(await (await client.get("/ui/syncs/globex-ics")).text())
+
+
+async def test_saving_settings_on_the_page_keeps_the_rules(world: World) -> None:
+    rules = {"training": {"label": "Training", "show_as": "free"}}
+    status, _ = await world.api.call("PUT", "/syncs/{sync}", world.token("acme", "configure"),
+                                     ids={"sync": "acme-ics"},
+                                     json={"provider": "ics", "types": rules})
+    assert status == 200
+    client = world.client
+    csrf = await sign_in(client, world.token("acme", "configure"))
+    form = {"csrf": csrf, "hidden_label": "Away", "busy_as": "busy", "free_as": "free",
+            "morning": "09:00-12:30", "afternoon": "13:30-18:00", "time_zone": "UTC"}
+    response = await client.post("/ui/syncs/acme-ics/settings", data=form,
+                                 allow_redirects=False)
+    assert response.status == 303, await response.text()
+    stored = await store.get_config(world.pool, "acme-ics")
+    assert stored is not None and stored.config.hidden_label == "Away"
+    assert stored.config.public_dict()["types"] == rules
 
 
 # --- the console script -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer import feeds
+from consumer import feeds, logs
 from consumer.config import parse_sync
 from consumer.events import Absence
 from consumer.render import render, render_team
@@ -48,6 +48,13 @@ def test_tokens_have_256_random_bits_and_a_recognisable_prefix() -> None:
     for bad in ("absfeed_", "absfeed_short", "absync_" + "A" * 43, "absfeed_" + "A" * 42 + "/",
                 "absfeed_" + "\u00e9" * 43, "https://x.example/feeds/abc.ics"):
         assert not feeds.looks_like_feed_token(bad) or feeds.token_of(bad) is None, bad
+
+
+def test_feed_tokens_never_reach_a_log_line() -> None:
+    _, token = feeds.new_feed_token()
+    line = logs.redact_text(f"GET https://sync.example/feeds/{token}.ics failed")
+    assert token not in line and token[len("absfeed_"):][:10] not in line
+    assert line == "GET https://sync.example/feeds/[redacted].ics failed"
 
 
 def test_feed_urls() -> None:
