@@ -11,9 +11,10 @@ name that the privacy rules hide never appears in it.
 A feed's text is a function of its inputs (the feed, the configuration at
 its revision, the window's dates, and the absences' ids and versions), so
 its ETag is computed from them before anything is rendered: an unchanged
-feed is answered 304 from two index reads. Each event's text is memoised by
-(view, configuration, revision, absence, version), so a team feed whose
-tenant changed one absence renders one event again, not all of them.
+feed is answered 304 after one read of its absences' ids and versions. Each
+event's text is memoised by (view, configuration revision, absence version),
+so a team feed whose tenant changed one absence renders one event again,
+not all of them, and reads only that absence's data.
 
 Feed links are `/feeds/<token>.ics`; the token (`absfeed_` + 256 random
 bits) is stored only as its SHA-256, like API tokens.
