@@ -11,12 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import asyncpg
+import orjson
 
 from consumer.config import SyncConfig
 from consumer.errors import Unreachable, dsn_address
@@ -443,6 +444,15 @@ SELECT (SELECT count(*) FROM up) AS applied, (SELECT count(*) FROM marked) AS ma
 """
 
 
+def _json_text(value: Any) -> str:
+    """`value` as JSON text: orjson's, or the standard library's for what orjson
+    refuses (an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
 async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -> tuple[int, int]:
     """Upsert the latest state of absences where newer, mark affected pairs pending.
 
@@ -462,7 +472,7 @@ async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -
         [r.absence.id for r in rows],
         [r.absence.version for r in rows],
         [r.absence.deleted for r in rows],
-        [json.dumps(r.data) for r in rows],
+        [_json_text(r.data) for r in rows],
         [r.event_time for r in rows],
         [r.absence.end.date if r.absence.end else None for r in rows],
         [r.absence.employee.establishment_id if r.absence.employee else None for r in rows],
@@ -473,6 +483,9 @@ async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -
 
 
 # --- dispatch ---------------------------------------------------------------
+#
+# The dispatcher (consumer/dispatch) leases due items in batches, and records
+# a batch's intents in one statement and its outcomes in one statement.
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +505,14 @@ class Claimed:
     pending_since: dt.datetime
     event_time: dt.datetime | None
     absence: Absence
+    #: the configuration's revision when the item was leased
+    config_revision: int = 0
+
+    @property
+    def in_doubt(self) -> bool:
+        """A create was sent and its outcome was never recorded (a crash, or a
+        failure that may have stored it): look for its mark before writing."""
+        return self.intent == "create" and self.event_id is None and bool(self.mailbox)
 
 
 _DUE = (
@@ -499,23 +520,28 @@ _DUE = (
     " AND (s.lease_until IS NULL OR s.lease_until < now())"
 )
 
+#: Every rule deciding whether an item may be leased, in one place: `s` is the
+#: item (sync_items), `c` its configuration (sync_configs).
+CLAIM_FILTERS: tuple[str, ...] = (_DUE,)
+
 _CLAIM = f"""
 WITH oldest AS (
-    -- bounded scan in due order (index sync_items_due); tenants at their limit
-    -- are skipped, so another tenant's backlog never hides this one's work
+    -- bounded scan in due order (index sync_items_due)
     SELECT s.config_id, s.absence_id, s.tenant, s.next_attempt_at
-    FROM sync_items s
-    WHERE {_DUE} AND NOT (s.tenant = ANY($2::text[]))
+    FROM sync_items s JOIN sync_configs c ON c.id = s.config_id
+    WHERE {" AND ".join(CLAIM_FILTERS)}
     ORDER BY s.next_attempt_at
     LIMIT $1 * 8
 ), candidates AS (
-    SELECT config_id, absence_id, next_attempt_at FROM (
-        SELECT o.config_id, o.absence_id, o.next_attempt_at,
-               row_number() OVER (PARTITION BY o.tenant ORDER BY o.next_attempt_at) AS rn
+    -- at most what each tenant has left of its limit, so another tenant's
+    -- backlog never hides this one's work
+    SELECT r.config_id, r.absence_id, r.next_attempt_at FROM (
+        SELECT o.*, row_number() OVER (PARTITION BY o.tenant ORDER BY o.next_attempt_at) AS rn
         FROM oldest o
-    ) ranked
-    WHERE rn <= $3
-    ORDER BY next_attempt_at
+    ) r
+    LEFT JOIN unnest($2::text[], $3::int[]) AS load(tenant, n) ON load.tenant = r.tenant
+    WHERE r.rn <= $4 - COALESCE(load.n, 0)
+    ORDER BY r.next_attempt_at
     LIMIT $1
 ), locked AS (
     SELECT s.config_id, s.absence_id FROM sync_items s
@@ -523,11 +549,13 @@ WITH oldest AS (
     WHERE {_DUE}
     FOR UPDATE OF s SKIP LOCKED
 )
-UPDATE sync_items s SET lease_until = now() + make_interval(secs => $4)
-FROM locked, absences a
+UPDATE sync_items s SET lease_until = now() + make_interval(secs => $5), lease_owner = $6
+FROM locked, absences a, sync_configs c
 WHERE s.config_id = locked.config_id AND s.absence_id = locked.absence_id
-  AND a.tenant = s.tenant AND a.id = s.absence_id
-RETURNING s.*, a.deleted AS a_deleted, a.data AS a_data
+  AND a.tenant = s.tenant AND a.id = s.absence_id AND c.id = s.config_id
+RETURNING s.config_id, s.tenant, s.absence_id, s.change_seq, s.force, s.event_id, s.mailbox,
+    s.applied_hash, s.generation, s.intent, s.attempts, s.first_failure_at, s.pending_since,
+    s.event_time, a.deleted AS a_deleted, a.data::text AS a_data, c.revision AS config_revision
 """
 
 
@@ -536,42 +564,36 @@ async def claim(
     *,
     limit: int,
     per_tenant: int,
-    busy_tenants: Sequence[str],
+    tenant_load: Mapping[str, int],
     lease_seconds: float,
+    owner: str,
 ) -> list[Claimed]:
-    """Lease due items; several replicas never lease the same item.
+    """Lease up to `limit` due items for `owner`; several replicas never lease the
+    same item. A tenant gets at most `per_tenant` minus its `tenant_load` (items
+    the caller already has in flight).
 
     An item whose recorded absence no longer passes validation (say its time
     zone left the zone database) is marked failed with `invalid_event` here,
     instead of being leased again and again."""
-    rows = await pool.fetch(_CLAIM, limit, list(busy_tenants), per_tenant, lease_seconds)
+    tenants = list(tenant_load)
+    rows = await pool.fetch(
+        _CLAIM, limit, tenants, [tenant_load[t] for t in tenants], per_tenant, lease_seconds,
+        owner,
+    )
     claimed: list[Claimed] = []
     broken: list[asyncpg.Record] = []
     for r in rows:
         try:
-            absence = absence_from_data(r["tenant"], r["a_deleted"], json.loads(r["a_data"]))
+            absence = absence_from_data(r["tenant"], r["a_deleted"], orjson.loads(r["a_data"]))
         except (InvalidEvent, ValueError, OverflowError, KeyError, TypeError):
             broken.append(r)
             continue
-        claimed.append(
-            Claimed(
-                config_id=r["config_id"],
-                tenant=r["tenant"],
-                absence_id=r["absence_id"],
-                change_seq=r["change_seq"],
-                force=r["force"],
-                event_id=r["event_id"],
-                mailbox=r["mailbox"],
-                applied_hash=r["applied_hash"],
-                generation=r["generation"],
-                intent=r["intent"],
-                attempts=r["attempts"],
-                first_failure_at=r["first_failure_at"],
-                pending_since=r["pending_since"],
-                event_time=r["event_time"],
-                absence=absence,
-            )
-        )
+        claimed.append(Claimed(
+            r["config_id"], r["tenant"], r["absence_id"], r["change_seq"], r["force"],
+            r["event_id"], r["mailbox"], r["applied_hash"], r["generation"], r["intent"],
+            r["attempts"], r["first_failure_at"], r["pending_since"], r["event_time"], absence,
+            r["config_revision"],
+        ))
     if broken:
         await _fail_unreadable(pool, broken)
     return claimed
@@ -581,7 +603,8 @@ async def _fail_unreadable(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -
     await pool.execute(
         "UPDATE sync_items s SET done_seq = GREATEST(s.done_seq, i.seq), status ="
         " CASE WHEN s.change_seq > i.seq THEN 'pending' ELSE 'failed' END,"
-        " attempts = s.attempts + 1, lease_until = NULL, last_error_code = 'invalid_event',"
+        " attempts = s.attempts + 1, lease_until = NULL, lease_owner = NULL,"
+        " last_error_code = 'invalid_event',"
         " last_error_message = 'the recorded absence no longer passes validation',"
         " last_error_hint = 'The HR system must publish this absence again (a newer version).',"
         " first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()"
@@ -594,7 +617,12 @@ async def _fail_unreadable(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -
 
 async def begin_creates(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, str, int]]) -> None:
     """Note, for (item, mailbox, generation) rows, that a create may be in flight,
-    so a crash leads to adoption, not a double. One statement for all rows."""
+    so a crash leads to adoption, not a double. One statement for all rows.
+
+    The event the row named before (a move's old event, deleted by then) is
+    forgotten in the same step."""
+    if not rows:
+        return
     await pool.execute(
         "UPDATE sync_items s SET intent = 'create', mailbox = i.mailbox, event_id = NULL,"
         " generation = i.generation, updated_at = now()"
@@ -606,12 +634,21 @@ async def begin_creates(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, str, i
     )
 
 
-async def forget_event(pool: asyncpg.Pool, item: Claimed) -> None:
-    await pool.execute(
-        "UPDATE sync_items SET event_id = NULL, mailbox = NULL, applied_hash = NULL,"
-        " intent = NULL, updated_at = now() WHERE config_id = $1 AND absence_id = $2",
-        item.config_id, item.absence_id,
+async def renew_leases(
+    pool: asyncpg.Pool, owner: str, items: Sequence[Claimed], lease_seconds: float
+) -> int:
+    """Extend the leases `owner` still holds on `items` (a long operation, such
+    as a move or an adoption, outlasting one lease); returns how many."""
+    if not items:
+        return 0
+    result: str = await pool.execute(
+        "UPDATE sync_items s SET lease_until = now() + make_interval(secs => $4)"
+        " FROM unnest($1::text[], $2::text[]) AS k(config_id, absence_id)"
+        " WHERE s.config_id = k.config_id AND s.absence_id = k.absence_id"
+        " AND s.lease_owner = $3",
+        [i.config_id for i in items], [i.absence_id for i in items], owner, lease_seconds,
     )
+    return _count(result)
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,8 +662,20 @@ class Outcome:
     applied_hash: str | None = None
 
 
-_FINISH = """
-WITH input AS (
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed item: retried at `retry_at`, or given up (status failed) when None.
+    `clear_intent`: the server refused the create, nothing can have been stored."""
+
+    code: str
+    message: str
+    hint: str
+    retry_at: dt.datetime | None
+    clear_intent: bool = False
+
+
+_OUTCOMES = """
+WITH done_in AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::boolean[],
                          $6::text[], $7::text[], $8::text[], $9::text[])
         AS t(config_id, absence_id, seq, status, wanted, event_id, mailbox, hash, op)
@@ -635,62 +684,79 @@ WITH input AS (
         CASE WHEN s.change_seq > i.seq THEN 'pending' ELSE i.status END,
         force = s.force AND s.change_seq > i.seq, wanted = i.wanted, event_id = i.event_id,
         mailbox = i.mailbox, applied_hash = i.hash, desired_hash = i.hash, intent = NULL,
-        attempts = 0, lease_until = NULL, first_failure_at = NULL, last_error_code = NULL,
-        last_error_message = NULL, last_error_hint = NULL, updated_at = now(),
-        synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
-    FROM input i
+        attempts = 0, lease_until = NULL, lease_owner = NULL, first_failure_at = NULL,
+        last_error_code = NULL, last_error_message = NULL, last_error_hint = NULL,
+        updated_at = now(), synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
+    FROM done_in i
     WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
     RETURNING s.config_id, s.absence_id, i.op, i.mailbox
+), failed_in AS (
+    SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::text[], $14::text[],
+                         $15::text[], $16::timestamptz[], $17::text[], $18::boolean[],
+                         $19::text[])
+        AS t(config_id, absence_id, seq, code, message, hint, retry_at, op, clear_intent,
+             target)
+), failed AS (
+    UPDATE sync_items s SET
+        done_seq = CASE WHEN i.retry_at IS NULL THEN GREATEST(s.done_seq, i.seq)
+                   ELSE s.done_seq END,
+        status = CASE WHEN i.retry_at IS NOT NULL THEN s.status
+                      WHEN s.change_seq > i.seq THEN 'pending' ELSE 'failed' END,
+        next_attempt_at = COALESCE(i.retry_at, s.next_attempt_at),
+        intent = CASE WHEN i.clear_intent THEN NULL ELSE s.intent END,
+        attempts = s.attempts + 1, lease_until = NULL, lease_owner = NULL,
+        last_error_code = i.code, last_error_message = i.message, last_error_hint = i.hint,
+        first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()
+    FROM failed_in i
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
+    -- the mailbox the failed call was for (set before a create), else the target address
+    RETURNING s.config_id, s.absence_id, i.op, i.code, i.message,
+        COALESCE(s.mailbox, i.target) AS mailbox
+), deferred AS (
+    UPDATE sync_items s SET lease_until = NULL, lease_owner = NULL,
+        next_attempt_at = now() + make_interval(secs => $22)
+    FROM unnest($20::text[], $21::text[]) AS i(config_id, absence_id)
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
+    RETURNING 1
 )
-INSERT INTO sync_log (config_id, absence_id, operation, outcome, mailbox)
-SELECT config_id, absence_id, op, 'ok', mailbox FROM done WHERE op <> 'noop'
+INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message, mailbox)
+SELECT config_id, absence_id, op, 'ok', NULL, NULL, mailbox FROM done WHERE op <> 'noop'
+UNION ALL
+SELECT config_id, absence_id, op, 'error', code, left(message, 500), mailbox FROM failed
 """
 
 
-async def finish_many(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, Outcome, str]]) -> None:
-    """Record completed (item, outcome, operation) rows in one atomic statement;
-    an item that changed meanwhile stays pending."""
-    await pool.execute(
-        _FINISH,
-        [r[0].config_id for r in rows], [r[0].absence_id for r in rows],
-        [r[0].change_seq for r in rows], [r[1].status for r in rows],
-        [r[1].wanted for r in rows], [r[1].event_id for r in rows],
-        [r[1].mailbox for r in rows], [r[1].applied_hash for r in rows],
-        [r[2] for r in rows],
-    )
-
-
-async def fail(
+async def record_outcomes(
     pool: asyncpg.Pool,
-    item: Claimed,
+    done: Sequence[tuple[Claimed, Outcome, str]],
+    failed: Sequence[tuple[Claimed, Failure, str]] = (),
+    deferred: Sequence[Claimed] = (),
     *,
-    code: str,
-    message: str,
-    hint: str,
-    retry_at: dt.datetime | None,
-    operation: str,
+    defer_seconds: float = 1.0,
 ) -> None:
-    """Record a failure: retry at `retry_at`, or give up (status failed) when None."""
-    async with pool.acquire() as conn, conn.transaction():
-        if retry_at is None:
-            await conn.execute(
-                "UPDATE sync_items SET done_seq = GREATEST(done_seq, $3), status ="
-                " CASE WHEN change_seq > $3 THEN 'pending' ELSE 'failed' END,"
-                " attempts = attempts + 1, lease_until = NULL,"
-                " last_error_code = $4, last_error_message = $5, last_error_hint = $6,"
-                " first_failure_at = COALESCE(first_failure_at, now()), updated_at = now()"
-                " WHERE config_id = $1 AND absence_id = $2",
-                item.config_id, item.absence_id, item.change_seq, code, message[:2000], hint,
-            )
-        else:
-            await conn.execute(
-                "UPDATE sync_items SET attempts = attempts + 1, lease_until = NULL,"
-                " next_attempt_at = $3, last_error_code = $4, last_error_message = $5,"
-                " last_error_hint = $6, first_failure_at = COALESCE(first_failure_at, now()),"
-                " updated_at = now() WHERE config_id = $1 AND absence_id = $2",
-                item.config_id, item.absence_id, retry_at, code, message[:2000], hint,
-            )
-        await _log(conn, item, operation, "error", code, message)
+    """Record in one atomic statement what became of leased items, and free them:
+    `done` (item, outcome, operation) rows, `failed` (item, failure, operation)
+    rows, and `deferred` items (not attempted: leased again after
+    `defer_seconds`, no attempt counted). An item that changed meanwhile stays
+    pending; every operation but a no-op goes to the history."""
+    def target(item: Claimed) -> str | None:
+        employee = item.absence.employee
+        return item.mailbox or (employee.target_address if employee else None)
+
+    await pool.execute(
+        _OUTCOMES,
+        [r[0].config_id for r in done], [r[0].absence_id for r in done],
+        [r[0].change_seq for r in done], [r[1].status for r in done],
+        [r[1].wanted for r in done], [r[1].event_id for r in done],
+        [r[1].mailbox for r in done], [r[1].applied_hash for r in done],
+        [r[2] for r in done],
+        [r[0].config_id for r in failed], [r[0].absence_id for r in failed],
+        [r[0].change_seq for r in failed], [str(r[1].code) for r in failed],
+        [r[1].message[:2000] for r in failed], [r[1].hint for r in failed],
+        [r[1].retry_at for r in failed], [r[2] for r in failed],
+        [r[1].clear_intent for r in failed], [target(r[0]) for r in failed],
+        [i.config_id for i in deferred], [i.absence_id for i in deferred], defer_seconds,
+    )
 
 
 async def release(pool: asyncpg.Pool, items: Sequence[Claimed]) -> None:
@@ -698,29 +764,43 @@ async def release(pool: asyncpg.Pool, items: Sequence[Claimed]) -> None:
     if not items:
         return
     await pool.execute(
-        "UPDATE sync_items SET lease_until = NULL"
+        "UPDATE sync_items SET lease_until = NULL, lease_owner = NULL"
         " WHERE (config_id, absence_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
         [i.config_id for i in items], [i.absence_id for i in items],
     )
 
 
-async def _log(
-    conn: asyncpg.Connection,
-    item: Claimed,
-    operation: str,
-    outcome: str,
-    code: str | None,
-    message: str | None,
-) -> None:
-    # the mailbox the failed call was for (set before a create), else the target address
-    target = item.absence.employee.target_address if item.absence.employee else None
-    await conn.execute(
-        "INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message,"
-        " mailbox) SELECT $1, $2, $3, $4, $5, $6, COALESCE((SELECT mailbox FROM sync_items"
-        " WHERE config_id = $1 AND absence_id = $2), $7)",
-        item.config_id, item.absence_id, operation, outcome, code,
-        message[:500] if message else None, item.mailbox or target,
+# Mailbox leases: a provider's per-mailbox limit across replicas
+# (docs/architecture.md, "Mailbox limits across replicas").
+
+
+async def lease_mailboxes(
+    pool: asyncpg.Pool, holder: str, keys: Sequence[str], lease_seconds: float
+) -> set[str]:
+    """Lease (or renew) mailboxes for `holder`; returns the keys it now holds.
+    A key another holder has leased and not let expire is not granted."""
+    if not keys:
+        return set()
+    rows = await pool.fetch(
+        "INSERT INTO mailbox_leases AS m (mailbox_key, holder, lease_until)"
+        " SELECT k, $2, now() + make_interval(secs => $3)"
+        " FROM unnest($1::text[]) AS k ORDER BY k"
+        " ON CONFLICT (mailbox_key) DO UPDATE SET holder = EXCLUDED.holder,"
+        " lease_until = EXCLUDED.lease_until"
+        " WHERE m.holder = EXCLUDED.holder OR m.lease_until < now()"
+        " RETURNING mailbox_key",
+        sorted(set(keys)), holder, lease_seconds,
     )
+    return {r["mailbox_key"] for r in rows}
+
+
+async def release_mailboxes(pool: asyncpg.Pool, holder: str, keys: Sequence[str]) -> None:
+    """Give up `holder`'s leases on `keys` (no work left for them)."""
+    if keys:
+        await pool.execute(
+            "DELETE FROM mailbox_leases WHERE holder = $1 AND mailbox_key = ANY($2::text[])",
+            holder, list(keys),
+        )
 
 
 # --- bounded storage ------------------------------------------------------------
