@@ -89,6 +89,11 @@ def transaction_id(config_id: str, absence_id: str, generation: int) -> str:
     return f"{config_id}/{absence_id}/{generation}"
 
 
+class LeaseExpired(Exception):
+    """PostgreSQL stayed unavailable for longer than the lease: the item is left
+    to its lease (another attempt follows when it expires)."""
+
+
 @dataclass(slots=True)
 class LeaseClock:
     """Loop time until which the batch's leases are surely ours (the scheduler's
@@ -342,10 +347,10 @@ class Executor:
                 self.pool, done, failed, deferred, defer_seconds=self.defer_seconds,
             ))
         except Exception as exc:  # noqa: BLE001 - the leases hand the items back
-            if store.is_unavailable(exc):
+            if isinstance(exc, LeaseExpired):
                 log.warning("PostgreSQL unavailable for longer than the lease; the items "
                             "are retried when their leases expire",
-                            error_type=type(exc).__name__, items=len(items))
+                            error_type=str(exc), items=len(items))
             else:
                 self.metrics.internal_errors.labels("dispatch").inc()
                 log.error("could not record a batch's outcomes; the items are retried when "
@@ -528,9 +533,9 @@ class Executor:
 
     def _crashed(self, batch: _Batch, step: _Step, exc: Exception) -> None:
         item = step.item
-        if store.is_unavailable(exc):
+        if isinstance(exc, LeaseExpired):
             log.warning("PostgreSQL unavailable for longer than the lease; the item is "
-                        "retried when its lease expires", error_type=type(exc).__name__,
+                        "retried when its lease expires", error_type=str(exc),
                         tenant=item.tenant, config=item.config_id, absence=item.absence_id)
             batch.on_done(item)
             return
@@ -558,9 +563,11 @@ class Executor:
             try:
                 result = await step()
             except Exception as exc:
-                delay = backoff.next_delay()
-                if not store.is_unavailable(exc) or loop.time() + delay > clock.deadline:
+                if not store.is_unavailable(exc):
                     raise
+                delay = backoff.next_delay()
+                if loop.time() + delay > clock.deadline:
+                    raise LeaseExpired(type(exc).__name__) from exc
                 self.outages.failing("dispatch", "postgresql")
                 await asyncio.sleep(delay)
                 continue
