@@ -67,8 +67,7 @@ async def record(pool: asyncpg.Pool, *docs: dict[str, Any]) -> None:
 
 
 async def lease(pool: asyncpg.Pool, owner: str = "test") -> list[store.Claimed]:
-    return await store.claim(pool, limit=100, per_tenant=100, tenant_load={},
-                             lease_seconds=30, owner=owner)
+    return await store.claim(pool, limit=100, busy_tenants=[], lease_seconds=30, owner=owner)
 
 
 def executor(pool: Any, metrics: Metrics | None = None, *, linger: float = 0.02,

@@ -191,6 +191,9 @@ class Executor:
         *,
         mailbox_slots: KeyedLimiter[str],
         mailbox_leases: MailboxLeases | None,
+        tenant_slots: KeyedLimiter[str] | None = None,
+        tenant_limit: int = 8,
+        tenant_wait: float = 1.0,
         outages: Outages,
         outage_retry_max_seconds: float,
         linger: float = 0.02,
@@ -201,6 +204,11 @@ class Executor:
         self.policy = policy
         self.mailbox_slots = mailbox_slots
         self.mailbox_leases = mailbox_leases
+        #: items of a tenant at work at once (their calls); one waiting longer than
+        #: `tenant_wait` for a turn is deferred, so a hung tenant holds few slots
+        self.tenant_slots: KeyedLimiter[str] = tenant_slots or KeyedLimiter()
+        self.tenant_limit = tenant_limit
+        self.tenant_wait = tenant_wait
         self.outages = outages
         self.outage_retry_max_seconds = outage_retry_max_seconds
         self.linger = linger
@@ -289,7 +297,15 @@ class Executor:
         return True
 
     async def _work(self, step: _Step, batch: _Batch) -> None:
-        """One item: its action's calls, then its outcome into the batch."""
+        """One item: a turn of its tenant, its action's calls, then its outcome into
+        the batch (or the item deferred when its tenant's turn does not come)."""
+        tenant = step.item.tenant
+        if not await self._tenant_turn(tenant):
+            self._release_mailboxes(step)
+            batch.deferred.append(step.item)
+            batch.stats.deferred += 1
+            batch.finished()
+            return
         try:
             if step.action is None:  # in doubt: adopt, then plan
                 await self._adopt(step)
@@ -314,8 +330,19 @@ class Executor:
             batch.abort(exc)  # the process is going down: record nothing more
             raise
         finally:
+            self.tenant_slots.release(tenant)
             self._release_mailboxes(step)
             batch.finished()
+
+    async def _tenant_turn(self, tenant: str) -> bool:
+        if self.tenant_slots.try_acquire(tenant, self.tenant_limit):
+            return True
+        try:
+            async with asyncio.timeout(self.tenant_wait):
+                await self.tenant_slots.acquire(tenant, self.tenant_limit)
+        except TimeoutError:
+            return False
+        return True
 
     async def _record_until_done(self, batch: _Batch) -> None:
         while True:

@@ -62,13 +62,6 @@ class KeyedLimiter(Generic[K]):
         entry.holders += 1
         return True
 
-    def add(self, key: K, count: int = 1) -> None:
-        """Count `count` holders of `key` whatever the limit (work already admitted)."""
-        entry = self._keys.get(key)
-        if entry is None:
-            entry = self._keys[key] = _Key()
-        entry.holders += count
-
     async def acquire(self, key: K, limit: int) -> None:
         """Wait for a slot of `key`, in arrival order."""
         if self.try_acquire(key, limit):

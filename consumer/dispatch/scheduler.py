@@ -2,11 +2,12 @@
 
 `Dispatcher` leases due items from PostgreSQL in batches (`FOR UPDATE SKIP
 LOCKED`, so replicas share work without doubles), never more than
-`dispatch_concurrency` items in flight nor `tenant_concurrency` per tenant
-(one `KeyedLimiter`), and hands each batch to the `Executor`. A batch's
-items free their slots as their outcomes are recorded, so calls that hang
-hold their own slots only: another tenant's work, and the Kafka partitions,
-go on.
+`dispatch_concurrency` items in flight, and hands each batch to the
+`Executor`, where at most `tenant_concurrency` items of a tenant are at work
+at once (one `KeyedLimiter` for tenants, another for mailboxes); tenants at
+that limit are not leased more work. A batch's items free their slots as
+their outcomes are recorded, so calls that hang hold their own slots only:
+another tenant's work, and the Kafka partitions, go on.
 
 While work is in flight a heartbeat renews its leases (and the mailbox
 leases) every third of `lease_seconds`, so an operation of several calls (a
@@ -65,13 +66,15 @@ class Dispatcher:
         #: this dispatcher's name on the leases it holds
         self.owner = uuid.uuid4().hex
         self.providers = ProviderCache(pool, self.box, factory)
-        self.tenants: KeyedLimiter[str] = KeyedLimiter()
+        self.tenants: KeyedLimiter[str] = KeyedLimiter()  # items of each tenant at work
         self.mailbox_leases = MailboxLeases(pool, self.owner, settings.lease_seconds)
         self.executor = Executor(
             pool, metrics,
             RetryPolicy(settings.retry_base_seconds, settings.retry_max_seconds,
                         settings.retry_for_seconds),
             mailbox_slots=KeyedLimiter(), mailbox_leases=self.mailbox_leases,
+            tenant_slots=self.tenants, tenant_limit=settings.tenant_concurrency,
+            tenant_wait=max(1.0, settings.dispatch_poll_seconds),
             outages=self.outages, outage_retry_max_seconds=settings.outage_retry_max_seconds,
             defer_seconds=max(0.2, settings.dispatch_poll_seconds),
         )
@@ -150,8 +153,9 @@ class Dispatcher:
         items = await store.claim(
             self.pool,
             limit=free,
-            per_tenant=settings.tenant_concurrency,
-            tenant_load=self.tenants.loads(),
+            busy_tenants=[
+                t for t, n in self.tenants.loads().items() if n >= settings.tenant_concurrency
+            ],
             lease_seconds=settings.lease_seconds,
             owner=self.owner,
         )
@@ -163,7 +167,6 @@ class Dispatcher:
             - settings.request_timeout_seconds
         )
         for item in items:
-            self.tenants.add(item.tenant)
             self._in_flight[(item.config_id, item.absence_id)] = item
         task = asyncio.create_task(self._run_batch(items, clock))
         self._batches[task] = items
@@ -199,7 +202,6 @@ class Dispatcher:
     def _item_done(self, item: store.Claimed) -> None:
         if self._in_flight.pop((item.config_id, item.absence_id), None) is None:
             return
-        self.tenants.release(item.tenant)
         # claim in batches: wake the loop once a quarter of the slots are free
         if len(self._in_flight) <= self.settings.dispatch_concurrency * 3 // 4:
             self.wake.set()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -526,22 +526,21 @@ CLAIM_FILTERS: tuple[str, ...] = (_DUE,)
 
 _CLAIM = f"""
 WITH oldest AS (
-    -- bounded scan in due order (index sync_items_due)
+    -- bounded scan in due order (index sync_items_due); tenants at their limit
+    -- are skipped, so another tenant's backlog never hides this one's work
     SELECT s.config_id, s.absence_id, s.tenant, s.next_attempt_at
     FROM sync_items s JOIN sync_configs c ON c.id = s.config_id
-    WHERE {" AND ".join(CLAIM_FILTERS)}
+    WHERE {" AND ".join(CLAIM_FILTERS)} AND NOT (s.tenant = ANY($2::text[]))
     ORDER BY s.next_attempt_at
     LIMIT $1 * 8
 ), candidates AS (
-    -- at most what each tenant has left of its limit, so another tenant's
-    -- backlog never hides this one's work
-    SELECT r.config_id, r.absence_id, r.next_attempt_at FROM (
+    -- tenants take turns (each one's oldest, then each one's second...), so a
+    -- large backlog shares the batch with the small ones and fills it alone
+    SELECT r.config_id, r.absence_id FROM (
         SELECT o.*, row_number() OVER (PARTITION BY o.tenant ORDER BY o.next_attempt_at) AS rn
         FROM oldest o
     ) r
-    LEFT JOIN unnest($2::text[], $3::int[]) AS load(tenant, n) ON load.tenant = r.tenant
-    WHERE r.rn <= $4 - COALESCE(load.n, 0)
-    ORDER BY r.next_attempt_at
+    ORDER BY r.rn, r.next_attempt_at
     LIMIT $1
 ), locked AS (
     SELECT s.config_id, s.absence_id FROM sync_items s
@@ -549,7 +548,7 @@ WITH oldest AS (
     WHERE {_DUE}
     FOR UPDATE OF s SKIP LOCKED
 )
-UPDATE sync_items s SET lease_until = now() + make_interval(secs => $5), lease_owner = $6
+UPDATE sync_items s SET lease_until = now() + make_interval(secs => $3), lease_owner = $4
 FROM locked, absences a, sync_configs c
 WHERE s.config_id = locked.config_id AND s.absence_id = locked.absence_id
   AND a.tenant = s.tenant AND a.id = s.absence_id AND c.id = s.config_id
@@ -563,23 +562,18 @@ async def claim(
     pool: asyncpg.Pool,
     *,
     limit: int,
-    per_tenant: int,
-    tenant_load: Mapping[str, int],
+    busy_tenants: Sequence[str],
     lease_seconds: float,
     owner: str,
 ) -> list[Claimed]:
-    """Lease up to `limit` due items for `owner`; several replicas never lease the
-    same item. A tenant gets at most `per_tenant` minus its `tenant_load` (items
-    the caller already has in flight).
+    """Lease up to `limit` due items for `owner`, tenants taking turns; several
+    replicas never lease the same item. Items of `busy_tenants` (at their limit)
+    are left alone.
 
     An item whose recorded absence no longer passes validation (say its time
     zone left the zone database) is marked failed with `invalid_event` here,
     instead of being leased again and again."""
-    tenants = list(tenant_load)
-    rows = await pool.fetch(
-        _CLAIM, limit, tenants, [tenant_load[t] for t in tenants], per_tenant, lease_seconds,
-        owner,
-    )
+    rows = await pool.fetch(_CLAIM, limit, list(busy_tenants), lease_seconds, owner)
     claimed: list[Claimed] = []
     broken: list[asyncpg.Record] = []
     for r in rows:
