@@ -110,7 +110,7 @@ async def test_a_batch_is_one_intents_and_one_outcomes_statement(pool: asyncpg.P
     items = await lease(pool)
     done = await run(executor(counting), await jobs(pool, items, provider))
     assert sorted(i.absence_id for i in done) == sorted(i.absence_id for i in items)
-    assert counting.statements == ["UPDATE sync_items", "WITH done_in"]
+    assert counting.statements == ["UPDATE sync_items", "WITH done"]
     assert [op for op, _ in calendar.calls] == ["create"] * 12
     assert {r["status"] for r in (await rows(pool)).values()} == {"synced"}
 
@@ -122,7 +122,7 @@ async def test_a_batch_is_one_intents_and_one_outcomes_statement(pool: asyncpg.P
     counting.statements.clear()
     calendar.calls.clear()
     await run(executor(counting), await jobs(pool, await lease(pool), provider))
-    assert counting.statements == ["WITH done_in"]
+    assert counting.statements == ["WITH done"]
     ops = sorted(op for op, _ in calendar.calls)
     assert ops == ["delete"] * 4 + ["update"] * 4
     states = await rows(pool)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import AsyncIterator, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -32,6 +33,8 @@ K = TypeVar("K", bound=Hashable)
 class _Key:
     holders: int = 0
     waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
+    limit: int = 0
+    full_since: float | None = None  # monotonic time since when all its slots are held
 
 
 class KeyedLimiter(Generic[K]):
@@ -51,6 +54,15 @@ class KeyedLimiter(Generic[K]):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def saturated(self, for_seconds: float) -> list[K]:
+        """Keys whose every slot has been held for at least `for_seconds` (work that
+        is slow or stuck, as opposed to slots that turn over quickly)."""
+        now = time.monotonic()
+        return [
+            key for key, entry in self._keys.items()
+            if entry.full_since is not None and now - entry.full_since >= for_seconds
+        ]
+
     def try_acquire(self, key: K, limit: int) -> bool:
         """Take a slot of `key` if one is free now (no waiting)."""
         entry = self._keys.get(key)
@@ -60,7 +72,17 @@ class KeyedLimiter(Generic[K]):
             self._forget_if_idle(key, entry)
             return False
         entry.holders += 1
+        self._note(entry, limit)
         return True
+
+    @staticmethod
+    def _note(entry: _Key, limit: int) -> None:
+        entry.limit = limit
+        if entry.holders >= limit:
+            if entry.full_since is None:
+                entry.full_since = time.monotonic()
+        else:
+            entry.full_since = None
 
     async def acquire(self, key: K, limit: int) -> None:
         """Wait for a slot of `key`, in arrival order."""
@@ -90,6 +112,7 @@ class KeyedLimiter(Generic[K]):
                 waiter.set_result(None)  # the slot passes on: holders stay the same
                 return
         entry.holders = max(0, entry.holders - 1)
+        self._note(entry, entry.limit)
         self._forget_if_idle(key, entry)
 
     @contextlib.asynccontextmanager

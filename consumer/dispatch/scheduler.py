@@ -40,6 +40,8 @@ from consumer.settings import Settings
 log = logs.get("dispatch")
 
 _Key = tuple[str, str]
+#: a tenant whose every slot has been taken for this long gets no more work
+BUSY_AFTER_SECONDS = 0.25
 
 
 class Dispatcher:
@@ -141,10 +143,10 @@ class Dispatcher:
         concurrency = settings.dispatch_concurrency
         free = concurrency - len(self._in_flight)
         now = time.monotonic()
-        # claim in batches (`_done` wakes the loop once a quarter of the slots are
+        # claim in batches (`_item_done` wakes the loop once half the slots are
         # free), but at least once per poll interval whatever is free, so slow
         # calls holding most slots never starve the rest
-        batch_ready = free >= concurrency // 4 or not self._in_flight
+        batch_ready = free >= concurrency // 2 or not self._in_flight
         overdue = now - self._last_claim >= settings.dispatch_poll_seconds
         if free <= 0 or not (batch_ready or overdue):
             return 0
@@ -153,9 +155,9 @@ class Dispatcher:
         items = await store.claim(
             self.pool,
             limit=free,
-            busy_tenants=[
-                t for t, n in self.tenants.loads().items() if n >= settings.tenant_concurrency
-            ],
+            # tenants whose turns do not come round (slow or stuck calendars); one
+            # whose slots turn over quickly keeps getting work
+            busy_tenants=self.tenants.saturated(BUSY_AFTER_SECONDS),
             lease_seconds=settings.lease_seconds,
             owner=self.owner,
         )
@@ -202,8 +204,8 @@ class Dispatcher:
     def _item_done(self, item: store.Claimed) -> None:
         if self._in_flight.pop((item.config_id, item.absence_id), None) is None:
             return
-        # claim in batches: wake the loop once a quarter of the slots are free
-        if len(self._in_flight) <= self.settings.dispatch_concurrency * 3 // 4:
+        # claim in batches: wake the loop once half the slots are free
+        if len(self._in_flight) <= self.settings.dispatch_concurrency // 2:
             self.wake.set()
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:

@@ -414,13 +414,13 @@ class Incoming:
 
 _RECORD = """
 WITH incoming AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::boolean[], $5::text[],
-                         $6::timestamptz[], $7::date[], $8::text[])
-        AS t(tenant, id, version, deleted, data, event_time, end_date, establishment_id)
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS t(tenant text, id text, version bigint, deleted boolean, data jsonb,
+             event_time timestamptz, end_date date, establishment_id text)
 ), up AS (
     INSERT INTO absences AS a (tenant, id, version, deleted, data, event_time, end_date,
                                establishment_id)
-    SELECT tenant, id, version, deleted, data::jsonb, event_time, end_date, establishment_id
+    SELECT tenant, id, version, deleted, data, event_time, end_date, establishment_id
     FROM incoming
     ON CONFLICT (tenant, id) DO UPDATE SET
         version = EXCLUDED.version, deleted = EXCLUDED.deleted, data = EXCLUDED.data,
@@ -444,13 +444,20 @@ SELECT (SELECT count(*) FROM up) AS applied, (SELECT count(*) FROM marked) AS ma
 """
 
 
+def _json_default(value: Any) -> str:
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def _json_text(value: Any) -> str:
-    """`value` as JSON text: orjson's, or the standard library's for what orjson
-    refuses (an integer beyond 64 bits)."""
+    """`value` as JSON text, for a `jsonb` parameter (one parameter for a batch of
+    rows costs far less to send than an array per column): orjson's, or the
+    standard library's for what orjson refuses (an integer beyond 64 bits)."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:
-        return json.dumps(value)
+        return json.dumps(value, default=_json_default)
 
 
 async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -> tuple[int, int]:
@@ -466,17 +473,17 @@ async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -
     rows = list(latest.values())
     if not rows:
         return 0, len(batch)
-    record = await conn.fetchrow(
-        _RECORD,
-        [r.absence.tenant for r in rows],
-        [r.absence.id for r in rows],
-        [r.absence.version for r in rows],
-        [r.absence.deleted for r in rows],
-        [_json_text(r.data) for r in rows],
-        [r.event_time for r in rows],
-        [r.absence.end.date if r.absence.end else None for r in rows],
-        [r.absence.employee.establishment_id if r.absence.employee else None for r in rows],
-    )
+    record = await conn.fetchrow(_RECORD, _json_text([
+        {
+            "tenant": r.absence.tenant, "id": r.absence.id, "version": r.absence.version,
+            "deleted": r.absence.deleted, "data": r.data, "event_time": r.event_time,
+            "end_date": r.absence.end.date if r.absence.end else None,
+            "establishment_id": (
+                r.absence.employee.establishment_id if r.absence.employee else None
+            ),
+        }
+        for r in rows
+    ]))
     assert record is not None
     applied = int(record["applied"])
     return applied, len(batch) - applied
@@ -645,11 +652,14 @@ async def begin_creates(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, str, i
     await pool.execute(
         "UPDATE sync_items s SET intent = 'create', mailbox = i.mailbox, event_id = NULL,"
         " generation = i.generation, updated_at = now()"
-        " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])"
-        " AS i(config_id, absence_id, mailbox, generation)"
+        " FROM jsonb_to_recordset($1::jsonb)"
+        " AS i(config_id text, absence_id text, mailbox text, generation bigint)"
         " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id",
-        [r[0].config_id for r in rows], [r[0].absence_id for r in rows],
-        [r[1] for r in rows], [r[2] for r in rows],
+        _json_text([
+            {"config_id": r[0].config_id, "absence_id": r[0].absence_id, "mailbox": r[1],
+             "generation": r[2]}
+            for r in rows
+        ]),
     )
 
 
@@ -694,11 +704,7 @@ class Failure:
 
 
 _OUTCOMES = """
-WITH done_in AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::boolean[],
-                         $6::text[], $7::text[], $8::text[], $9::text[])
-        AS t(config_id, absence_id, seq, status, wanted, event_id, mailbox, hash, op)
-), done AS (
+WITH done AS (
     UPDATE sync_items s SET done_seq = GREATEST(s.done_seq, i.seq), status =
         CASE WHEN s.change_seq > i.seq THEN 'pending' ELSE i.status END,
         force = s.force AND s.change_seq > i.seq, wanted = i.wanted, event_id = i.event_id,
@@ -706,15 +712,11 @@ WITH done_in AS (
         attempts = 0, lease_until = NULL, lease_owner = NULL, first_failure_at = NULL,
         last_error_code = NULL, last_error_message = NULL, last_error_hint = NULL,
         updated_at = now(), synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
-    FROM done_in i
+    FROM jsonb_to_recordset($1::jsonb)
+        AS i(config_id text, absence_id text, seq bigint, status text, wanted boolean,
+             event_id text, mailbox text, hash text, op text)
     WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
     RETURNING s.config_id, s.absence_id, i.op, i.mailbox
-), failed_in AS (
-    SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::text[], $14::text[],
-                         $15::text[], $16::timestamptz[], $17::text[], $18::boolean[],
-                         $19::text[])
-        AS t(config_id, absence_id, seq, code, message, hint, retry_at, op, clear_intent,
-             target)
 ), failed AS (
     UPDATE sync_items s SET
         done_seq = CASE WHEN i.retry_at IS NULL THEN GREATEST(s.done_seq, i.seq)
@@ -726,15 +728,17 @@ WITH done_in AS (
         attempts = s.attempts + 1, lease_until = NULL, lease_owner = NULL,
         last_error_code = i.code, last_error_message = i.message, last_error_hint = i.hint,
         first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()
-    FROM failed_in i
+    FROM jsonb_to_recordset($2::jsonb)
+        AS i(config_id text, absence_id text, seq bigint, code text, message text, hint text,
+             retry_at timestamptz, op text, clear_intent boolean, target text)
     WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
     -- the mailbox the failed call was for (set before a create), else the target address
     RETURNING s.config_id, s.absence_id, i.op, i.code, i.message,
         COALESCE(s.mailbox, i.target) AS mailbox
 ), deferred AS (
     UPDATE sync_items s SET lease_until = NULL, lease_owner = NULL,
-        next_attempt_at = now() + make_interval(secs => $22)
-    FROM unnest($20::text[], $21::text[]) AS i(config_id, absence_id)
+        next_attempt_at = now() + make_interval(secs => $4)
+    FROM jsonb_to_recordset($3::jsonb) AS i(config_id text, absence_id text)
     WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
     RETURNING 1
 )
@@ -764,17 +768,21 @@ async def record_outcomes(
 
     await pool.execute(
         _OUTCOMES,
-        [r[0].config_id for r in done], [r[0].absence_id for r in done],
-        [r[0].change_seq for r in done], [r[1].status for r in done],
-        [r[1].wanted for r in done], [r[1].event_id for r in done],
-        [r[1].mailbox for r in done], [r[1].applied_hash for r in done],
-        [r[2] for r in done],
-        [r[0].config_id for r in failed], [r[0].absence_id for r in failed],
-        [r[0].change_seq for r in failed], [str(r[1].code) for r in failed],
-        [r[1].message[:2000] for r in failed], [r[1].hint for r in failed],
-        [r[1].retry_at for r in failed], [r[2] for r in failed],
-        [r[1].clear_intent for r in failed], [target(r[0]) for r in failed],
-        [i.config_id for i in deferred], [i.absence_id for i in deferred], defer_seconds,
+        _json_text([
+            {"config_id": i.config_id, "absence_id": i.absence_id, "seq": i.change_seq,
+             "status": o.status, "wanted": o.wanted, "event_id": o.event_id,
+             "mailbox": o.mailbox, "hash": o.applied_hash, "op": op}
+            for i, o, op in done
+        ]),
+        _json_text([
+            {"config_id": i.config_id, "absence_id": i.absence_id, "seq": i.change_seq,
+             "code": str(f.code), "message": f.message[:2000], "hint": f.hint,
+             "retry_at": f.retry_at, "op": op, "clear_intent": f.clear_intent,
+             "target": target(i)}
+            for i, f, op in failed
+        ]),
+        _json_text([{"config_id": i.config_id, "absence_id": i.absence_id} for i in deferred]),
+        defer_seconds,
     )
 
 
