@@ -152,9 +152,15 @@ class _Step:
 class _Batch:
     """Results waiting to be recorded, and how many items are still at work."""
 
-    def __init__(self, clock: LeaseClock, on_done: Callable[[store.Claimed], None]) -> None:
+    def __init__(
+        self,
+        clock: LeaseClock,
+        on_done: Callable[[store.Claimed], None],
+        on_free: Callable[[store.Claimed], None],
+    ) -> None:
         self.clock = clock
         self.on_done = on_done
+        self.on_free = on_free
         self.pending = 0
         self.done: list[tuple[store.Claimed, store.Outcome, str]] = []
         self.failed: list[tuple[store.Claimed, store.Failure, str]] = []
@@ -233,11 +239,13 @@ class Executor:
         jobs: Sequence[Job],
         clock: LeaseClock,
         on_done: Callable[[store.Claimed], None],
+        on_free: Callable[[store.Claimed], None] | None = None,
     ) -> None:
-        """Execute and record `jobs`; `on_done(item)` once an item is recorded (or
-        left to its lease). Cancelling it cancels the calls in flight."""
+        """Execute and record `jobs`; `on_free(item)` once an item's calls are over,
+        `on_done(item)` once it is recorded (or left to its lease). Cancelling it
+        cancels the calls in flight."""
         started = time.monotonic()
-        batch = _Batch(clock, on_done)
+        batch = _Batch(clock, on_done, on_free or (lambda _: None))
         steps: list[_Step] = []
         for job in jobs:
             resolved = job.resolved
@@ -261,6 +269,7 @@ class Executor:
                 batch.done.append((step.item, _outcome(step.desired, step.item.event_id,
                                                        step.item.mailbox), "noop"))
                 self._release_mailboxes(step)
+                batch.on_free(step.item)
                 continue
             if isinstance(step.action, Create):
                 creates.append(step)
@@ -304,6 +313,7 @@ class Executor:
             self._release_mailboxes(step)
             batch.deferred.append(step.item)
             batch.stats.deferred += 1
+            batch.on_free(step.item)
             batch.finished()
             return
         try:
@@ -332,6 +342,7 @@ class Executor:
         finally:
             self.tenant_slots.release(tenant)
             self._release_mailboxes(step)
+            batch.on_free(step.item)
             batch.finished()
 
     async def _tenant_turn(self, tenant: str) -> bool:

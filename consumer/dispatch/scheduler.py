@@ -81,7 +81,8 @@ class Dispatcher:
             defer_seconds=max(0.2, settings.dispatch_poll_seconds),
         )
         self.wake = asyncio.Event()
-        self._in_flight: dict[_Key, store.Claimed] = {}
+        self._in_flight: dict[_Key, store.Claimed] = {}  # leased, outcome not recorded yet
+        self._working: set[_Key] = set()  # leased, calls not over yet: they take the slots
         self._batches: dict[asyncio.Task[None], list[store.Claimed]] = {}
         self._clocks: dict[asyncio.Task[None], LeaseClock] = {}
         self._last_claim = 0.0
@@ -141,12 +142,12 @@ class Dispatcher:
         """Lease what is due and start it as one batch; returns how many items."""
         settings = self.settings
         concurrency = settings.dispatch_concurrency
-        free = concurrency - len(self._in_flight)
+        free = concurrency - len(self._working)
         now = time.monotonic()
         # claim in batches (`_item_done` wakes the loop once half the slots are
         # free), but at least once per poll interval whatever is free, so slow
         # calls holding most slots never starve the rest
-        batch_ready = free >= concurrency // 2 or not self._in_flight
+        batch_ready = free >= concurrency // 2 or not self._working
         overdue = now - self._last_claim >= settings.dispatch_poll_seconds
         if free <= 0 or not (batch_ready or overdue):
             return 0
@@ -169,12 +170,14 @@ class Dispatcher:
             - settings.request_timeout_seconds
         )
         for item in items:
-            self._in_flight[(item.config_id, item.absence_id)] = item
+            key = (item.config_id, item.absence_id)
+            self._in_flight[key] = item
+            self._working.add(key)
         task = asyncio.create_task(self._run_batch(items, clock))
         self._batches[task] = items
         self._clocks[task] = clock
         task.add_done_callback(self._batch_done)
-        self.metrics.in_flight.set(len(self._in_flight))
+        self.metrics.in_flight.set(len(self._working))
         return len(items)
 
     async def _run_batch(self, items: list[store.Claimed], clock: LeaseClock) -> None:
@@ -196,17 +199,25 @@ class Dispatcher:
                 resolved_by_config[item.config_id] = resolved
             jobs.append(Job(item, resolved))
         if jobs:
-            await self.executor.run(jobs, clock, self._item_done)
+            await self.executor.run(jobs, clock, self._item_done, self._item_free)
         for config_id, resolved in resolved_by_config.items():
             if resolved.provider is not None:
                 await self.providers.report_warnings(config_id, resolved.provider)
 
-    def _item_done(self, item: store.Claimed) -> None:
-        if self._in_flight.pop((item.config_id, item.absence_id), None) is None:
+    def _item_free(self, item: store.Claimed) -> None:
+        """Its calls are over: its slot goes to the next batch (the outcome may still
+        be on its way to the database)."""
+        key = (item.config_id, item.absence_id)
+        if key not in self._working:
             return
+        self._working.discard(key)
         # claim in batches: wake the loop once half the slots are free
-        if len(self._in_flight) <= self.settings.dispatch_concurrency // 2:
+        if len(self._working) <= self.settings.dispatch_concurrency // 2:
             self.wake.set()
+
+    def _item_done(self, item: store.Claimed) -> None:
+        self._item_free(item)
+        self._in_flight.pop((item.config_id, item.absence_id), None)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         items = self._batches.pop(task, [])
@@ -217,7 +228,7 @@ class Dispatcher:
         leftover = [i for i in items if (i.config_id, i.absence_id) in self._in_flight]
         for item in leftover:  # left to their leases (drain hands them back first)
             self._item_done(item)
-        self.metrics.in_flight.set(len(self._in_flight))
+        self.metrics.in_flight.set(len(self._working))
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         """Renew the leases of the work in flight (items and mailboxes)."""
