@@ -517,7 +517,7 @@ class Executor:
                 step.mailboxes = tuple(
                     mailbox_key(step.provider.kind, m) for m in _mailboxes(step)
                 )
-        wanted = {key for step in steps for key in step.mailboxes}
+        wanted = [key for step in steps for key in step.mailboxes]  # one use per item
         if not wanted:
             return steps
         try:

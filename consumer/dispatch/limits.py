@@ -141,7 +141,7 @@ class MailboxLeases:
     """Mailboxes this dispatcher (`holder`) has leased in PostgreSQL.
 
     `acquire` asks for the keys a batch needs in one statement and counts
-    their users; `release` counts them down; `release_idle` gives back, in
+    their users (one per item); `release` counts an item's down; `release_idle` gives back, in
     one statement, those nobody here uses any more (the scheduler calls it
     between batches, so a busy mailbox is not leased anew for every batch);
     `renew` extends the ones held (the scheduler's heartbeat)."""
@@ -159,16 +159,17 @@ class MailboxLeases:
         return set(self._held)
 
     async def acquire(self, keys: Iterable[str]) -> set[str]:
-        """Lease what is not held yet; returns the keys granted (now counted as used)."""
-        wanted = set(keys)
+        """Lease what is not held yet; returns the keys granted. Each occurrence of a
+        granted key in `keys` counts one user (an item), until `release`."""
+        uses = collections.Counter(keys)
         async with self._lock:
-            missing = sorted(wanted - self._held)
+            missing = sorted(set(uses) - self._held)
             if missing:
                 self._held |= await store.lease_mailboxes(
                     self.pool, self.holder, missing, self.lease_seconds
                 )
-            granted = wanted & self._held
-            self._users.update(granted)
+            granted = set(uses) & self._held
+            self._users.update({key: uses[key] for key in granted})
         return granted
 
     def release(self, keys: Iterable[str]) -> None:
