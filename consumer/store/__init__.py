@@ -552,7 +552,7 @@ WITH oldest AS (
     FROM sync_items s
     WHERE {_claim_filters()} AND NOT (s.tenant = ANY($2::text[]))
     ORDER BY s.next_attempt_at
-    LIMIT $1 * 8
+    LIMIT $1 * 4
 ), candidates AS (
     -- tenants take turns (each one's oldest, then each one's second...), so a
     -- large backlog shares the batch with the small ones and fills it alone
