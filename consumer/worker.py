@@ -136,7 +136,8 @@ async def run_worker(
             provider_factory=provider_factory, context=context, outages=outages,
         )
         intake = Intake(
-            settings, endpoints.bootstrap, pool, metrics, dispatcher.notify, outages=outages
+            settings, endpoints.bootstrap, pool, metrics, dispatcher.notify, outages=outages,
+            recorded=dispatcher.recent.add_all,
         )
         state = WebState(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,

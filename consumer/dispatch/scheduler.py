@@ -68,6 +68,8 @@ class Dispatcher:
         #: this dispatcher's name on the leases it holds
         self.owner = uuid.uuid4().hex
         self.providers = ProviderCache(pool, self.box, factory)
+        #: absences this process recorded (intake fills it): leased without a re-read
+        self.recent = store.RecentAbsences()
         self.tenants: KeyedLimiter[str] = KeyedLimiter()  # items of each tenant at work
         self.mailbox_leases = MailboxLeases(pool, self.owner, settings.lease_seconds)
         self.executor = Executor(
@@ -161,6 +163,7 @@ class Dispatcher:
             busy_tenants=self.tenants.saturated(BUSY_AFTER_SECONDS),
             lease_seconds=settings.lease_seconds,
             owner=self.owner,
+            recent=self.recent,
         )
         if not items:
             return 0

@@ -8,6 +8,7 @@ applied under an advisory lock, so several replicas may start at once.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import json
@@ -460,6 +461,31 @@ def _json_text(value: Any) -> str:
         return json.dumps(value, default=_json_default)
 
 
+class RecentAbsences:
+    """The absences one process recorded last in one database, by (tenant, id,
+    version, deleted): a version never changes once recorded, so the dispatcher
+    leasing their items need not read, parse and check the stored JSON again.
+    Bounded (least recent out). Fill it only after the recording committed."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[tuple[str, str, int, bool], Absence] = (
+            collections.OrderedDict()
+        )
+
+    def add_all(self, batch: Sequence[Incoming]) -> None:
+        for item in batch:
+            absence = item.absence
+            key = (absence.tenant, absence.id, absence.version, absence.deleted)
+            self._entries[key] = absence
+            self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def get(self, key: tuple[str, str, int, bool]) -> Absence | None:
+        return self._entries.get(key)
+
+
 async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -> tuple[int, int]:
     """Upsert the latest state of absences where newer, mark affected pairs pending.
 
@@ -576,7 +602,7 @@ WHERE s.config_id = locked.config_id AND s.absence_id = locked.absence_id
   AND a.tenant = s.tenant AND a.id = s.absence_id
 RETURNING s.config_id, s.tenant, s.absence_id, s.change_seq, s.force, s.event_id, s.mailbox,
     s.applied_hash, s.generation, s.intent, s.attempts, s.first_failure_at, s.pending_since,
-    s.event_time, a.deleted AS a_deleted, a.data::text AS a_data,
+    s.event_time, a.deleted AS a_deleted, a.version AS a_version,
     (SELECT c.revision FROM sync_configs c WHERE c.id = s.config_id) AS config_revision
 """
 
@@ -588,10 +614,11 @@ async def claim(
     busy_tenants: Sequence[str],
     lease_seconds: float,
     owner: str,
+    recent: RecentAbsences | None = None,
 ) -> list[Claimed]:
     """Lease up to `limit` due items for `owner`, tenants taking turns; several
     replicas never lease the same item. Items of `busy_tenants` (at their limit)
-    are left alone.
+    are left alone. The absences found in `recent` are taken from there.
 
     An item whose recorded absence no longer passes validation (say its time
     zone left the zone database) is marked failed with `invalid_event` here,
@@ -606,14 +633,34 @@ async def claim(
             " set_config('enable_seqscan', 'off', true)"
         )
         rows = await conn.fetch(_CLAIM, limit, list(busy_tenants), lease_seconds, owner)
+        known = {
+            (r["tenant"], r["absence_id"]): recent.get(
+                (r["tenant"], r["absence_id"], r["a_version"], r["a_deleted"])
+            ) if recent is not None else None
+            for r in rows
+        }
+        # the absences this process did not record itself: their stored JSON, read and
+        # checked again (the zone database may have changed since)
+        unknown = [key for key, absence in known.items() if absence is None]
+        data = {
+            (d["tenant"], d["id"]): d["data"] for d in await conn.fetch(
+                "SELECT a.tenant, a.id, a.data::text AS data FROM absences a"
+                " JOIN unnest($1::text[], $2::text[]) AS k(tenant, id)"
+                " ON a.tenant = k.tenant AND a.id = k.id",
+                [k[0] for k in unknown], [k[1] for k in unknown],
+            )
+        } if unknown else {}
     claimed: list[Claimed] = []
     broken: list[asyncpg.Record] = []
     for r in rows:
-        try:
-            absence = absence_from_data(r["tenant"], r["a_deleted"], orjson.loads(r["a_data"]))
-        except (InvalidEvent, ValueError, OverflowError, KeyError, TypeError):
-            broken.append(r)
-            continue
+        key = (r["tenant"], r["absence_id"])
+        absence = known[key]
+        if absence is None:
+            try:
+                absence = absence_from_data(r["tenant"], r["a_deleted"], orjson.loads(data[key]))
+            except (InvalidEvent, ValueError, OverflowError, KeyError, TypeError):
+                broken.append(r)
+                continue
         claimed.append(Claimed(
             r["config_id"], r["tenant"], r["absence_id"], r["change_seq"], r["force"],
             r["event_id"], r["mailbox"], r["applied_hash"], r["generation"], r["intent"],
