@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import os
 import re
 import zoneinfo
@@ -50,6 +51,7 @@ class TimeSpan:
     end: dt.time
 
 
+@functools.lru_cache(maxsize=1024)  # rendering asks for a configuration's spans per event
 def parse_span(value: str) -> TimeSpan:
     match = _SPAN.match(value.strip())
     if not match:
