@@ -32,9 +32,12 @@ from pydantic import (
 )
 
 from consumer.logs import register_secret_value
+from consumer.replies import AutoReply
 
 Provider = Literal["microsoft365", "exchange", "google", "caldav", "ics"]
 PROVIDERS: tuple[str, ...] = ("microsoft365", "exchange", "google", "caldav", "ics")
+#: providers that can set a mailbox's automatic reply (`auto_reply:`)
+REPLY_PROVIDERS: tuple[str, ...] = ("microsoft365", "exchange", "google")
 ShowAs = Literal["free", "tentative", "busy", "oof", "workingElsewhere"]
 SHOW_AS: tuple[str, ...] = ("free", "tentative", "busy", "oof", "workingElsewhere")
 _SPAN = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
@@ -160,6 +163,8 @@ class SyncConfig(BaseModel):
     category: str | None = Field(default=None, max_length=255)
     #: per leave type rules, keyed by the events' `account.id`
     types: dict[str, TypeRule] = Field(default_factory=dict)
+    #: automatic out-of-office replies (docs/auto-replies.md); None: none
+    auto_reply: AutoReply | None = None
     provider_settings: dict[str, Any] = Field(default_factory=dict)
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
 
@@ -213,6 +218,23 @@ class SyncConfig(BaseModel):
         check_block(self.provider, self.provider_settings, self.secrets)
         return self
 
+    @field_validator("auto_reply", mode="before")
+    @classmethod
+    def _check_auto_reply(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, dict | AutoReply):
+            raise ValueError("must be a mapping (internal, external, audience, types, "
+                             "date_format, subject)")
+        return value
+
+    @model_validator(mode="after")
+    def _auto_reply_provider(self) -> SyncConfig:
+        if self.auto_reply is not None and self.provider not in REPLY_PROVIDERS:
+            raise ValueError(
+                f"auto_reply: automatic replies are set in Microsoft 365, Exchange or Gmail "
+                f"mailboxes ({', '.join(REPLY_PROVIDERS)}), not by provider {self.provider}"
+            )
+        return self
+
     @property
     def morning_span(self) -> TimeSpan:
         return parse_span(self.morning)
@@ -229,6 +251,8 @@ class SyncConfig(BaseModel):
         data = self.model_dump(exclude={"secrets"})
         if not self.types:
             del data["types"]
+        if self.auto_reply is None:
+            del data["auto_reply"]
         data["secrets"] = sorted(self.secrets)
         return data
 
@@ -241,11 +265,13 @@ class SyncConfig(BaseModel):
             include={
                 "hide_labels", "hidden_label", "whole_days_as_timed", "morning",
                 "afternoon", "time_zone", "sync_pending", "busy_as", "free_as",
-                "private", "category", "establishments", "types",
+                "private", "category", "establishments", "types", "auto_reply",
             }
         )
         if not self.types:
             del data["types"]
+        if self.auto_reply is None:
+            del data["auto_reply"]
         return data
 
 
