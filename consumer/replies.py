@@ -363,11 +363,12 @@ def messages(
 
 def desired_reply(
     absences: Iterable[Absence], config: Any, mailbox: str, now: dt.datetime,
-    *, html_values: bool = True,
+    *, html_values: bool = True, with_subject: bool = False,
 ) -> DesiredReply | None:
     """The reply `mailbox` should hold under `config`, given the latest known
     state of the absences that may target it (others are ignored), at `now`
-    (aware). None: no reply of ours should be active there."""
+    (aware). None: no reply of ours should be active there. `html_values`: the
+    provider's messages are HTML; `with_subject`: it keeps a subject (Gmail)."""
     option: AutoReply | None = getattr(config, "auto_reply", None)
     if option is None:
         return None
@@ -385,7 +386,7 @@ def desired_reply(
                                            html_values=html_values)
     setting = ReplySetting(
         "scheduled", group.start_utc, group.end_utc, internal, external, option.audience,
-        subject,
+        subject if with_subject else "",
     )
     return DesiredReply(
         mailbox=mailbox,
