@@ -153,6 +153,9 @@ class ReplySetting:
     external: str = ""
     audience: Audience = "none"
     subject: str = ""
+    #: the zone the schedule is written in (the employee's); not part of digests,
+    #: which compare instants
+    zone: str | None = None
 
     def _fields(self, text: bool) -> dict[str, Any]:
         def when(moment: dt.datetime | None) -> str | None:
@@ -386,7 +389,7 @@ def desired_reply(
                                            html_values=html_values)
     setting = ReplySetting(
         "scheduled", group.start_utc, group.end_utc, internal, external, option.audience,
-        subject if with_subject else "",
+        subject if with_subject else "", group.zone,
     )
     return DesiredReply(
         mailbox=mailbox,

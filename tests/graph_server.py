@@ -18,6 +18,14 @@ It behaves like the real services where the provider depends on it:
   ErrorAccessDenied); payload validation (400s); a real MailboxConcurrency
   check (429 when more than 4 requests are in flight for one mailbox);
   scripted 4xx/5xx replies with Retry-After.
+* Mailbox settings: `GET /users/{u}/mailboxSettings[/automaticRepliesSetting]`
+  and `PATCH /users/{u}/mailboxSettings` with `automaticRepliesSetting`
+  (status disabled/alwaysEnabled/scheduled, externalAudience
+  none/contactsOnly/all, schedule as dateTimeTimeZone), validated like Graph
+  (400s), stored as Graph does: messages rewritten as HTML documents, the
+  schedule returned in UTC; 403 ErrorAccessDenied for mailboxes in
+  `settings_denied` (no MailboxSettings.ReadWrite). `set_user_reply` is the
+  employee editing their reply in Outlook.
 
 Everything is recorded for assertions: each request (arrival time, host,
 path, mailbox, whether it came inside a batch), the maximum number in flight
@@ -109,6 +117,9 @@ class GraphServer:
     events: dict[str, dict[str, dict[str, Any]]] = field(
         default_factory=lambda: defaultdict(dict)
     )
+    #: mailbox -> its automaticRepliesSetting as Graph stores it
+    replies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings_denied: set[str] = field(default_factory=set)
     requests: list[Recorded] = field(default_factory=list)
     unexpected: list[Recorded] = field(default_factory=list)
     token_requests: list[dict[str, str]] = field(default_factory=list)
@@ -406,6 +417,12 @@ class GraphServer:
                      record: Recorded) -> GraphAnswer:
         path, _, query = target.partition("?")
         parts = [unquote(p) for p in path.strip("/").split("/")]
+        if len(parts) >= 3 and parts[0] == "users" and parts[2] == "mailboxSettings":
+            record.mailbox = parts[1].lower()
+            scripted = self.scripts.get(parts[1].lower()) or self.scripts.get("*")
+            if scripted:
+                return scripted.pop(0)
+            return self._mailbox_settings(method, parts[1].lower(), parts[3:], payload)
         if len(parts) < 3 or parts[0] != "users" or parts[2] != "events" or len(parts) > 4:
             return graph_error(400, "BadRequest", f"Resource not found for the segment '{path}'.")
         mailbox = parts[1].lower()
@@ -479,6 +496,91 @@ class GraphServer:
             return 200, {}, box[event_id]
         return graph_error(405, "ErrorInvalidRequest", "Method not allowed.")
 
+    # ------------------------------------------------------------- mailbox settings
+
+    def reply_of(self, mailbox: str) -> dict[str, Any]:
+        """The automaticRepliesSetting `mailbox` holds (Graph's form)."""
+        return dict(self.replies.get(mailbox.lower(), _DISABLED_REPLY))
+
+    def set_user_reply(self, mailbox: str, setting: dict[str, Any]) -> None:
+        """The employee changes their reply in Outlook (same rules as a PATCH)."""
+        answer = self._patch_reply(mailbox.lower(), setting)
+        assert answer is None, answer
+
+    def _mailbox_settings(self, method: str, mailbox: str, rest: list[str],
+                          payload: Any) -> GraphAnswer:
+        if mailbox not in self.mailboxes:
+            return graph_error(404, "ErrorInvalidUser", f"The requested user '{mailbox}' is "
+                               "invalid.")
+        if mailbox in self.settings_denied or mailbox in self.access_denied:
+            return graph_error(403, "ErrorAccessDenied", "Access is denied. Check credentials "
+                               "and try again.")
+        if method == "GET" and rest in ([], ["automaticRepliesSetting"]):
+            reply = self.reply_of(mailbox)
+            if rest:
+                return 200, {}, reply
+            return 200, {}, {"timeZone": "UTC", "automaticRepliesSetting": reply}
+        if method == "PATCH" and not rest:
+            if not isinstance(payload, dict):
+                return graph_error(400, "RequestBodyRead", "A mailboxSettings body is required.")
+            for key in payload:
+                if key not in ("automaticRepliesSetting", "timeZone", "language",
+                               "workingHours", "dateFormat", "timeFormat"):
+                    return graph_error(400, "RequestBodyRead", f"The property '{key}' does not "
+                                       "exist on type 'microsoft.graph.mailboxSettings'.")
+            if "automaticRepliesSetting" in payload:
+                problem = self._patch_reply(mailbox, payload["automaticRepliesSetting"])
+                if problem is not None:
+                    return problem
+            return 200, {}, {"automaticRepliesSetting": self.reply_of(mailbox)}
+        return graph_error(405, "ErrorInvalidRequest", "Method not allowed.")
+
+    def _patch_reply(self, mailbox: str, setting: Any) -> GraphAnswer | None:
+        if not isinstance(setting, dict):
+            return graph_error(400, "RequestBodyRead", "Invalid automaticRepliesSetting.")
+        allowed = {"status", "externalAudience", "internalReplyMessage",
+                   "externalReplyMessage", "scheduledStartDateTime", "scheduledEndDateTime"}
+        for key in setting:
+            if key not in allowed:
+                return graph_error(400, "RequestBodyRead", f"The property '{key}' does not "
+                                   "exist on type 'microsoft.graph.automaticRepliesSetting'.")
+        merged = {**self.reply_of(mailbox)}
+        if setting.get("status", merged["status"]) not in ("disabled", "alwaysEnabled",
+                                                           "scheduled"):
+            return graph_error(400, "RequestBodyRead", "Invalid status value.")
+        if setting.get("externalAudience", "none") not in ("none", "contactsOnly", "all"):
+            return graph_error(400, "RequestBodyRead", "Invalid externalAudience value.")
+        for key in ("internalReplyMessage", "externalReplyMessage"):
+            if key in setting:
+                merged[key] = _as_html(str(setting[key] or ""))
+        for key in ("status", "externalAudience"):
+            if key in setting:
+                merged[key] = setting[key]
+        for key in ("scheduledStartDateTime", "scheduledEndDateTime"):
+            if key in setting:
+                value = setting[key]
+                if not isinstance(value, dict) or not _DATETIME.match(
+                    str(value.get("dateTime", ""))
+                ):
+                    return graph_error(400, "ErrorInvalidRequest", f"Invalid '{key}' dateTime.")
+                if value.get("timeZone") not in _ZONES:
+                    return graph_error(400, "TimeZoneNotSupportedException",
+                                       "A valid TimeZone value must be specified.")
+                local = dt.datetime.fromisoformat(value["dateTime"][:19]).replace(
+                    tzinfo=zoneinfo.ZoneInfo(value["timeZone"]))
+                merged[key] = {
+                    "dateTime": local.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.0000000"),
+                    "timeZone": "UTC",
+                }
+        if merged["status"] == "scheduled" and (
+            merged["scheduledEndDateTime"]["dateTime"]
+            <= merged["scheduledStartDateTime"]["dateTime"]
+        ):
+            return graph_error(400, "ErrorInvalidScheduledOofDuration",
+                               "The scheduled end time must be after the start time.")
+        self.replies[mailbox] = merged
+        return None
+
     def _create(self, box: dict[str, dict[str, Any]], payload: Any) -> GraphAnswer:
         problem = validate_event(payload, partial=False)
         if problem is not None:
@@ -527,6 +629,26 @@ class GraphServer:
                 f"{self.graph_url}/users/{quote(mailbox, safe='@')}/events?{encoded}"
             )
         return 200, {}, body
+
+
+_DISABLED_REPLY: dict[str, Any] = {
+    "status": "disabled",
+    "externalAudience": "all",
+    "internalReplyMessage": "",
+    "externalReplyMessage": "",
+    "scheduledStartDateTime": {"dateTime": "2026-01-01T00:00:00.0000000", "timeZone": "UTC"},
+    "scheduledEndDateTime": {"dateTime": "2026-01-02T00:00:00.0000000", "timeZone": "UTC"},
+}
+
+
+def _as_html(message: str) -> str:
+    """What Exchange Online stores for a reply message: an HTML document."""
+    if not message:
+        return ""
+    if "<html" in message.lower():
+        return message
+    return (f"<html>\n<head>\n<meta http-equiv=\"Content-Type\" content=\"text/html; "
+            f"charset=utf-8\">\n</head>\n<body>\n<div>{message}</div>\n</body>\n</html>\n")
 
 
 def _echo(body: Any, text: str) -> None:

@@ -41,6 +41,7 @@ from consumer.logs import redact_text
 if TYPE_CHECKING:
     from consumer.config import SyncConfig
     from consumer.render import DesiredEvent, Mark
+    from consumer.replies import ReplySetting
     from consumer.settings import Settings
 
 
@@ -427,6 +428,28 @@ class Provider(ABC):
     @abstractmethod
     async def find(self, mailbox: str, mark: Mark) -> list[str]:
         """Ids of the events in `mailbox` that carry `mark` (rule 5.7)."""
+
+    # Automatic replies (`auto_reply:`): a provider that can set a mailbox's
+    # out-of-office reply says so with `supports_replies` and implements both.
+
+    #: whether the provider can read and write a mailbox's automatic reply
+    supports_replies: ClassVar[bool] = False
+    #: its reply messages are HTML (placeholder values are escaped), else plain text
+    reply_html: ClassVar[bool] = True
+    #: its reply keeps a subject (Gmail)
+    reply_subject: ClassVar[bool] = False
+
+    async def read_reply(self, mailbox: str) -> ReplySetting:
+        """The automatic reply `mailbox` holds now."""
+        raise ProviderError(PROVIDER_ERROR, f"{self.kind} cannot set automatic replies",
+                            retriable=False)
+
+    async def write_reply(self, mailbox: str, setting: ReplySetting) -> ReplySetting:
+        """Set `mailbox`'s automatic reply to `setting` (`disabled`: switch it off,
+        keeping its messages) and return what the server holds right after,
+        read back (servers rewrite messages: this is what "ours" compares)."""
+        raise ProviderError(PROVIDER_ERROR, f"{self.kind} cannot set automatic replies",
+                            retriable=False)
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""

@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 import requests
@@ -77,6 +78,8 @@ from consumer.providers.base import (
 
 __all__ = ["Microsoft365Provider", "consent_url", "graph_scope", "graph_transaction_id",
            "parse_retry_after", "translate_error"]
+
+from consumer.replies import ReplySetting
 
 if TYPE_CHECKING:
     from consumer.config import SyncConfig
@@ -110,8 +113,9 @@ _HINT_MAILBOX = (
 )
 _HINT_ACCESS = (
     "The application may not write to this mailbox: check that admin consent granted "
-    "Calendars.ReadWrite, and that the application's mailbox scope (RBAC for "
-    "Applications in Exchange Online, or an application access policy) includes it."
+    "Calendars.ReadWrite (and MailboxSettings.ReadWrite for automatic replies), and that "
+    "the application's mailbox scope (RBAC for Applications in Exchange Online, or an "
+    "application access policy) includes it."
 )
 _HINT_CLIENT = (
     "The vendor application's credentials were rejected: check ABSENCE_SYNC_MS_CLIENT_ID "
@@ -175,6 +179,67 @@ def event_payload(event: DesiredEvent) -> dict[str, Any]:
         "attendees": [],
         "singleValueExtendedProperties": [{"id": MARK_PROPERTY_ID, "value": event.mark.value}],
     }
+
+
+_REPLY_STATUS = {"disabled": "disabled", "scheduled": "scheduled", "always": "alwaysEnabled"}
+_REPLY_AUDIENCE = {"none": "none", "known": "contactsOnly", "all": "all"}
+
+
+def reply_payload(setting: ReplySetting) -> dict[str, Any]:
+    """The `automaticRepliesSetting` Graph gets for `setting`: its schedule as
+    dateTimeTimeZone in the employee's zone (`setting.zone`); disabling sends the
+    status alone, so the messages stay as they were."""
+    body: dict[str, Any] = {"status": _REPLY_STATUS[setting.status]}
+    if setting.status == "disabled":
+        return body
+    body["externalAudience"] = _REPLY_AUDIENCE[setting.audience]
+    body["internalReplyMessage"] = setting.internal
+    body["externalReplyMessage"] = setting.external
+    if setting.status == "scheduled":
+        assert setting.start is not None and setting.end is not None
+        zone_name = setting.zone or "UTC"
+        zone = ZoneInfo(zone_name)
+
+        def when(moment: dt.datetime) -> dict[str, str]:
+            local = moment.astimezone(zone)
+            return {"dateTime": local.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": zone_name}
+
+        body["scheduledStartDateTime"] = when(setting.start)
+        body["scheduledEndDateTime"] = when(setting.end)
+    return body
+
+
+def _instant(value: Any) -> dt.datetime | None:
+    """An aware UTC datetime from a Graph dateTimeTimeZone (None if unreadable)."""
+    if not isinstance(value, dict) or not value.get("dateTime"):
+        return None
+    text = str(value["dateTime"])[:26]
+    try:
+        moment = dt.datetime.fromisoformat(text.rstrip("Z"))
+    except ValueError:
+        return None
+    name = str(value.get("timeZone") or "UTC")
+    try:
+        zone: dt.tzinfo = ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = dt.UTC
+    return moment.replace(tzinfo=zone).astimezone(dt.UTC)
+
+
+def reply_setting(body: Any) -> ReplySetting:
+    """Our reading of Graph's `automaticRepliesSetting`."""
+    data = body if isinstance(body, dict) else {}
+    status = {v: k for k, v in _REPLY_STATUS.items()}.get(str(data.get("status")), "disabled")
+    audience = {v: k for k, v in _REPLY_AUDIENCE.items()}.get(
+        str(data.get("externalAudience")), "none")
+    return ReplySetting(
+        status,  # type: ignore[arg-type]
+        _instant(data.get("scheduledStartDateTime")),
+        _instant(data.get("scheduledEndDateTime")),
+        str(data.get("internalReplyMessage") or ""),
+        str(data.get("externalReplyMessage") or ""),
+        audience,  # type: ignore[arg-type]
+    )
 
 
 def _user_path(mailbox: str) -> str:
@@ -722,6 +787,20 @@ class Microsoft365Provider(Provider):
                 )
                 path = self._relative(body.get("@odata.nextLink"))
         return list(found)
+
+    supports_replies: ClassVar[bool] = True
+
+    async def read_reply(self, mailbox: str) -> ReplySetting:
+        path = _user_path(mailbox) + "/mailboxSettings/automaticRepliesSetting"
+        reply = await self._call(mailbox, "GET", path, None)
+        return reply_setting(reply.body)
+
+    async def write_reply(self, mailbox: str, setting: ReplySetting) -> ReplySetting:
+        """PATCH the mailbox settings, then GET what Graph stored (it rewrites the
+        messages as HTML documents). Needs the MailboxSettings.ReadWrite permission."""
+        await self._call(mailbox, "PATCH", _user_path(mailbox) + "/mailboxSettings",
+                         {"automaticRepliesSetting": reply_payload(setting)})
+        return await self.read_reply(mailbox)
 
     async def check_access(self) -> None:
         """Obtain an app-only token for this directory, or raise the `ProviderError`

@@ -1,0 +1,166 @@
+"""Automatic replies at the provider boundary, against the HTTPS test servers.
+
+One contract (`ReplyContract`) every provider that sets automatic replies
+passes: a fresh mailbox reads as disabled; a scheduled write reads back with
+the same instants, audience and message text (the server may rewrite the
+HTML, so "ours" is the digest of the read-back, stable on later reads); the
+employee's edit changes that digest; disabling keeps the messages; failures
+arrive in the error vocabulary (throttling with Retry-After). Then each
+provider's own payload details.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from consumer.providers.base import (
+    ACCESS_DENIED,
+    MAILBOX_NOT_FOUND,
+    THROTTLED,
+    Provider,
+    ProviderError,
+)
+from consumer.providers.microsoft365 import Microsoft365Provider
+from consumer.replies import ReplySetting
+from tests.graph_server import GraphServer
+from tests.test_provider_microsoft365 import graph, make_provider  # noqa: F401 - fixture
+
+UTC = dt.UTC
+_boxes = itertools.count()
+
+START = dt.datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
+END = dt.datetime(2026, 12, 3, 23, 0, tzinfo=UTC)
+OURS = ReplySetting("scheduled", START, END, "Jane is away until 2026-12-04 & back",
+                    "I am out of the office.", "known", zone="Europe/Paris")
+
+
+def _text(message: str) -> str:
+    import html
+    import re
+
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", message)).split())
+
+
+class ReplyContract:
+    """What every provider with `supports_replies` does."""
+
+    provider: Provider
+
+    def mailbox(self) -> str:
+        raise NotImplementedError
+
+    def user_edits(self, mailbox: str) -> None:
+        """The employee writes their own reply in their mail client."""
+        raise NotImplementedError
+
+    def script_throttle(self, mailbox: str) -> None:
+        raise NotImplementedError
+
+    def missing_mailbox(self) -> str:
+        raise NotImplementedError
+
+    async def test_a_fresh_mailbox_has_no_active_reply(self) -> None:
+        current = await self.provider.read_reply(self.mailbox())
+        assert current.status == "disabled"
+        assert not current.active(START)
+
+    async def test_a_scheduled_write_reads_back_the_same_reply(self) -> None:
+        box = self.mailbox()
+        stored = await self.provider.write_reply(box, OURS)
+        assert stored.status == "scheduled"
+        assert (stored.start, stored.end) == (START, END)
+        assert stored.audience == "known"
+        assert _text(stored.internal) == _text(OURS.internal)
+        assert _text(stored.external) == _text(OURS.external)
+        assert stored.fingerprint() == OURS.fingerprint()
+        again = await self.provider.read_reply(box)
+        assert again.digest() == stored.digest()
+
+    async def test_the_employees_edit_changes_the_digest(self) -> None:
+        box = self.mailbox()
+        stored = await self.provider.write_reply(box, OURS)
+        self.user_edits(box)
+        edited = await self.provider.read_reply(box)
+        assert edited.digest() != stored.digest()
+        assert edited.active(START)
+
+    async def test_disabling_keeps_the_messages(self) -> None:
+        box = self.mailbox()
+        await self.provider.write_reply(box, OURS)
+        off = await self.provider.write_reply(box, ReplySetting("disabled"))
+        assert off.status == "disabled"
+        assert _text(off.internal) == _text(OURS.internal)
+
+    async def test_a_missing_mailbox(self) -> None:
+        with pytest.raises(ProviderError) as info:
+            await self.provider.read_reply(self.missing_mailbox())
+        assert info.value.code == MAILBOX_NOT_FOUND
+
+    async def test_throttling_carries_retry_after(self) -> None:
+        box = self.mailbox()
+        self.script_throttle(box)
+        with pytest.raises(ProviderError) as info:
+            await self.provider.write_reply(box, OURS)
+        assert info.value.code == THROTTLED and info.value.retriable
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+
+
+class TestGraphReplies(ReplyContract):
+    @pytest.fixture(autouse=True)
+    async def _provider(self, graph: GraphServer) -> AsyncIterator[None]:  # noqa: F811
+        self.server = graph
+        provider = make_provider(graph)
+        self.provider = provider
+        yield
+        await provider.close()
+
+    def mailbox(self) -> str:
+        return self.server.add_mailbox(f"reply{next(_boxes)}@acme.test")
+
+    def missing_mailbox(self) -> str:
+        return "nobody-here@acme.test"
+
+    def user_edits(self, mailbox: str) -> None:
+        self.server.set_user_reply(mailbox, {
+            "status": "alwaysEnabled", "internalReplyMessage": "<p>Gone fishing</p>",
+        })
+
+    def script_throttle(self, mailbox: str) -> None:
+        self.server.script(mailbox, 429, "ApplicationThrottled", retry_after="2")
+
+    async def test_payload_is_graphs_automatic_replies_setting(self) -> None:
+        box = self.mailbox()
+        await self.provider.write_reply(box, OURS)
+        held: dict[str, Any] = self.server.reply_of(box)
+        assert held["status"] == "scheduled"
+        assert held["externalAudience"] == "contactsOnly"
+        # sent in the employee's zone (Paris, UTC+1), stored by Graph in UTC
+        assert held["scheduledStartDateTime"]["dateTime"].startswith("2026-11-30T23:00:00")
+        assert held["scheduledEndDateTime"]["dateTime"].startswith("2026-12-03T23:00:00")
+        assert "<html>" in held["internalReplyMessage"]  # Graph rewrote it
+
+    @pytest.mark.parametrize(("audience", "graph_value"),
+                             [("none", "none"), ("known", "contactsOnly"), ("all", "all")])
+    async def test_audiences(self, audience: str, graph_value: str) -> None:
+        box = self.mailbox()
+        setting = ReplySetting("scheduled", START, END, "a", "b", audience,  # type: ignore[arg-type]
+                               zone="UTC")
+        stored = await self.provider.write_reply(box, setting)
+        assert self.server.reply_of(box)["externalAudience"] == graph_value
+        assert stored.audience == audience
+
+    async def test_without_the_mailbox_settings_permission(self) -> None:
+        box = self.mailbox()
+        self.server.settings_denied.add(box.lower())
+        with pytest.raises(ProviderError) as info:
+            await self.provider.write_reply(box, OURS)
+        assert info.value.code == ACCESS_DENIED
+        assert "MailboxSettings.ReadWrite" in info.value.hint
+
+    def test_it_says_it_supports_replies(self) -> None:
+        assert Microsoft365Provider.supports_replies and Microsoft365Provider.reply_html
