@@ -25,6 +25,11 @@ provider depends on it:
   IsNotEqualTo, Exists, And, Or, Not on field and extended-property URIs,
   indexed paging) against per-mailbox calendars; ErrorItemNotFound for
   unknown ids, per item.
+* Automatic replies: GetUserOofSettings and SetUserOofSettings (impersonated,
+  the request's mailbox must be the impersonated one), validated like
+  Exchange (state, audience, a scheduled reply's duration), stored as
+  Exchange does: messages rewritten as HTML documents, times in UTC.
+  `set_user_oof` is the employee editing their reply in Outlook.
 * Scripted faults for the next matching requests (`script`): ErrorServerBusy
   with BackOffMilliseconds, any HTTP status (optionally after performing the
   write: a 503 after a successful CreateItem), 401, any EWS fault. And
@@ -272,6 +277,20 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+_OOF_OPERATIONS = frozenset({"GetUserOofSettingsRequest", "SetUserOofSettingsRequest"})
+_OOF_DISABLED: dict[str, Any] = {
+    "state": "Disabled", "audience": "All", "start": "2026-01-01T00:00:00Z",
+    "end": "2026-01-02T00:00:00Z", "internal": "", "external": "",
+}
+
+
+def _oof_html(message: str) -> str:
+    """What Exchange stores for a reply message: an HTML document."""
+    if not message or "<html" in message.lower():
+        return message
+    return f"<html>\r\n<body>\r\n{message}\r\n</body>\r\n</html>\r\n"
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -290,6 +309,8 @@ class EwsServer:
     impersonation_denied: set[str] = field(default_factory=set)
     refuse_subjects: dict[str, str] = field(default_factory=dict)  # subject -> EWS error code
     items: dict[str, dict[str, Item]] = field(default_factory=lambda: defaultdict(dict))
+    #: mailbox -> its OOF settings (state, audience, start, end, internal, external)
+    oof: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
@@ -560,6 +581,8 @@ class EwsServer:
                 record.delay = scripted.delay
             if scripted is not None and scripted.status is not None and not scripted.after:
                 return self._http(scripted, record)
+            if operation in _OOF_OPERATIONS:
+                return 200, self._oof(operation, operation_elem, impersonated, record), {}
             messages = self._operate(operation, operation_elem, impersonated, record)
         except Fault as fault:
             return self._fault(fault, record)
@@ -653,6 +676,99 @@ class EwsServer:
         return (
             f'<{tag} ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode>'
             f"{content}</{tag}>"
+        )
+
+    # ------------------------------------------------------------- automatic replies
+
+    def oof_of(self, mailbox: str) -> dict[str, Any]:
+        return dict(self.oof.get(mailbox.lower(), _OOF_DISABLED))
+
+    def set_user_oof(self, mailbox: str, **changes: Any) -> None:
+        """The employee edits their reply in Outlook."""
+        current = self.oof_of(mailbox)
+        for key in ("internal", "external"):
+            if key in changes:
+                changes[key] = _oof_html(str(changes[key]))
+        current.update(changes)
+        self.oof[mailbox.lower()] = current
+
+    def _oof(self, operation: str, elem: Any, mailbox: str | None, record: Recorded) -> str:
+        name = operation.removesuffix("Request")
+        if mailbox is None:
+            raise Fault("ErrorNonExistentMailbox", f"The service account {self.upn} has no "
+                        "mailbox: OOF operations here need ExchangeImpersonation.")
+        address = elem.find(f"{q(T, 'Mailbox')}/{q(T, 'Address')}")
+        target = (address.text or "").strip().lower() if address is not None else ""
+        if target != mailbox:
+            return self._oof_answer(name, Refused(
+                "ErrorAccessDenied", "Access is denied. Check credentials and try again."))
+        if name == "SetUserOofSettings":
+            refused = self._set_oof(mailbox, elem.find(q(T, "UserOofSettings")))
+            if refused is not None:
+                record.codes.append(refused.code)
+            return self._oof_answer(name, refused)
+        held = self.oof_of(mailbox)
+        settings = (
+            f'<OofSettings xmlns="{T}"><OofState>{held["state"]}</OofState>'
+            f'<ExternalAudience>{held["audience"]}</ExternalAudience>'
+            f'<Duration><StartTime>{held["start"]}</StartTime><EndTime>{held["end"]}</EndTime>'
+            f'</Duration><InternalReply><Message>{escape(held["internal"])}</Message>'
+            f'</InternalReply><ExternalReply><Message>{escape(held["external"])}</Message>'
+            "</ExternalReply></OofSettings><AllowExternalOof>All</AllowExternalOof>"
+        )
+        return self._oof_answer(name, None, settings)
+
+    def _set_oof(self, mailbox: str, settings: Any) -> Refused | None:
+        if settings is None:
+            return Refused("ErrorInvalidRequest", "UserOofSettings is required.")
+
+        def text(*path: str) -> str | None:
+            node = settings.find("/".join(q(T, p) for p in path))
+            return None if node is None else (node.text or "")
+
+        state = text("OofState")
+        audience = text("ExternalAudience") or "All"
+        if state not in ("Enabled", "Scheduled", "Disabled"):
+            return Refused("ErrorInvalidParameter", f"Invalid OofState {state!r}.")
+        if audience not in ("None", "Known", "All"):
+            return Refused("ErrorInvalidParameter", f"Invalid ExternalAudience {audience!r}.")
+        held = self.oof_of(mailbox)
+        start, end = text("Duration", "StartTime"), text("Duration", "EndTime")
+        if start is not None and end is not None:
+            try:
+                begin, finish = _when(start), _when(end)
+            except ValueError:
+                return Refused("ErrorInvalidParameter", "Invalid Duration.")
+            if state == "Scheduled" and finish <= begin:
+                return Refused("ErrorInvalidScheduledOofDuration",
+                               "The end time must be after the start time.")
+            held["start"] = begin.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            held["end"] = finish.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        elif state == "Scheduled":
+            return Refused("ErrorInvalidScheduledOofDuration", "A schedule needs a Duration.")
+        held["state"], held["audience"] = state, audience
+        for key, tag in (("internal", "InternalReply"), ("external", "ExternalReply")):
+            value = text(tag, "Message")
+            if value is not None:
+                held[key] = _oof_html(value)
+        self.oof[mailbox] = held
+        return None
+
+    def _oof_answer(self, name: str, refused: Refused | None, content: str = "") -> str:
+        if refused is None:
+            message = ('<ResponseMessage ResponseClass="Success"><ResponseCode>NoError'
+                       "</ResponseCode></ResponseMessage>")
+        else:
+            message = (f'<ResponseMessage ResponseClass="Error"><MessageText>'
+                       f"{escape(refused.message)}</MessageText><ResponseCode>{refused.code}"
+                       "</ResponseCode><DescriptiveLinkKey>0</DescriptiveLinkKey>"
+                       "</ResponseMessage>")
+            content = ""
+        return (
+            f'<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{SOAP}">'
+            f"{self._version_header()}<s:Body>"
+            f'<{name}Response xmlns="{M}">{message}{content}</{name}Response>'
+            "</s:Body></s:Envelope>"
         )
 
     # ------------------------------------------------------------- operations

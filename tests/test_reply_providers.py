@@ -25,9 +25,13 @@ from consumer.providers.base import (
     Provider,
     ProviderError,
 )
+from consumer.providers.exchange import ExchangeProvider
 from consumer.providers.microsoft365 import Microsoft365Provider
 from consumer.replies import ReplySetting
+from tests.ews_server import EwsServer
 from tests.graph_server import GraphServer
+from tests.test_provider_exchange import ews  # noqa: F401 - fixture
+from tests.test_provider_exchange import make_provider as make_exchange
 from tests.test_provider_microsoft365 import graph, make_provider  # noqa: F401 - fixture
 
 UTC = dt.UTC
@@ -164,3 +168,39 @@ class TestGraphReplies(ReplyContract):
 
     def test_it_says_it_supports_replies(self) -> None:
         assert Microsoft365Provider.supports_replies and Microsoft365Provider.reply_html
+
+
+class TestExchangeReplies(ReplyContract):
+    @pytest.fixture(autouse=True)
+    async def _provider(self, ews: EwsServer) -> AsyncIterator[None]:  # noqa: F811
+        self.server = ews
+        provider = make_exchange(ews)
+        self.provider = provider
+        yield
+        await provider.close()
+
+    def mailbox(self) -> str:
+        return self.server.add_mailbox(f"oof{next(_boxes)}@acme.test")
+
+    def missing_mailbox(self) -> str:
+        return "nobody-here@acme.test"
+
+    def user_edits(self, mailbox: str) -> None:
+        self.server.set_user_oof(mailbox, state="Enabled", internal="Gone fishing")
+
+    def script_throttle(self, mailbox: str) -> None:
+        self.server.script("SetUserOofSettingsRequest", mailbox, back_off_ms=2000)
+
+    async def test_payload_is_scheduled_in_utc_with_impersonation(self) -> None:
+        box = self.mailbox()
+        await self.provider.write_reply(box, OURS)
+        held = self.server.oof_of(box)
+        assert held["state"] == "Scheduled" and held["audience"] == "Known"
+        assert (held["start"], held["end"]) == ("2026-11-30T23:00:00Z", "2026-12-03T23:00:00Z")
+        assert "<html>" in held["internal"]  # Exchange rewrote it
+        impersonated = {r.mailbox for r in self.server.requests
+                        if r.operation == "SetUserOofSettingsRequest"}
+        assert box.lower() in impersonated
+
+    def test_it_says_it_supports_replies(self) -> None:
+        assert ExchangeProvider.supports_replies and ExchangeProvider.reply_html

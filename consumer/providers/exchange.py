@@ -113,7 +113,14 @@ from exchangelib.items import (
 )
 from exchangelib.properties import DistinguishedFolderId, ItemId, Mailbox
 from exchangelib.protocol import FailFast, Protocol
-from exchangelib.services import CreateItem, DeleteItem, UpdateItem
+from exchangelib.services import (
+    CreateItem,
+    DeleteItem,
+    GetUserOofSettings,
+    SetUserOofSettings,
+    UpdateItem,
+)
+from exchangelib.settings import OofSettings
 from exchangelib.transport import DEFAULT_HEADERS
 from exchangelib.util import TNS, is_xml
 from exchangelib.version import EXCHANGE_2010_SP2, EXCHANGE_2013, EXCHANGE_2016, Version
@@ -138,6 +145,7 @@ from consumer.providers.base import (
     parse_retry_after,
     status_error,
 )
+from consumer.replies import ReplySetting
 
 if TYPE_CHECKING:
     from consumer.config import SyncConfig
@@ -809,6 +817,52 @@ class ExchangeProvider(Provider):
             raise self._failed(translate_error(exc, self._where(mailbox)), mailbox) from exc
         return found.get(mark.value, [])
 
+    # ------------------------------------------------------------------ replies
+
+    supports_replies: ClassVar[bool] = True
+
+    async def read_reply(self, mailbox: str) -> ReplySetting:
+        return await self._oof_call(mailbox, self._read_oof_blocking, mailbox)
+
+    async def write_reply(self, mailbox: str, setting: ReplySetting) -> ReplySetting:
+        """SetUserOofSettings (state Scheduled with UTC times, or Disabled keeping
+        the messages it holds), then GetUserOofSettings: what Exchange stored."""
+        return await self._oof_call(mailbox, self._write_oof_blocking, mailbox, setting)
+
+    async def _oof_call(self, mailbox: str, fn: Callable[..., T], *args: Any) -> T:
+        self._check_usable()
+        loop = asyncio.get_running_loop()
+        await self._wait_until_allowed(mailbox, loop.time() + self.timeout)
+        try:
+            return await self._run(fn, *args)
+        except Exception as exc:
+            raise self._failed(translate_error(exc, self._where(mailbox)), mailbox) from exc
+
+    def _read_oof_blocking(self, mailbox: str) -> ReplySetting:
+        def work(account: Account, _calendar: Calendar) -> ReplySetting:
+            held = GetUserOofSettings(account=account).get(
+                mailbox=Mailbox(email_address=mailbox))
+            return oof_reply(held)
+
+        return self._with_account(mailbox, work)
+
+    def _write_oof_blocking(self, mailbox: str, setting: ReplySetting) -> ReplySetting:
+        def work(account: Account, _calendar: Calendar) -> ReplySetting:
+            box = Mailbox(email_address=mailbox)
+            if setting.status == "disabled":
+                held = GetUserOofSettings(account=account).get(mailbox=box)
+                wanted = OofSettings(state=OofSettings.DISABLED,
+                                     external_audience=held.external_audience or "All",
+                                     internal_reply=held.internal_reply or "",
+                                     external_reply=held.external_reply or "")
+            else:
+                wanted = oof_settings(setting)
+            SetUserOofSettings(account=account).get(expect_result=None, oof_settings=wanted,
+                                                    mailbox=box)
+            return oof_reply(GetUserOofSettings(account=account).get(mailbox=box))
+
+        return self._with_account(mailbox, work)
+
     async def close(self) -> None:
         self._closed = True
         for task in list(self._tasks):
@@ -1193,6 +1247,48 @@ class ExchangeProvider(Provider):
             return found
 
         return self._with_account(mailbox, work)
+
+
+_OOF_STATE = {"disabled": "Disabled", "scheduled": "Scheduled", "always": "Enabled"}
+_OOF_AUDIENCE = {"none": "None", "known": "Known", "all": "All"}
+
+
+def oof_settings(setting: ReplySetting) -> OofSettings:
+    """EWS `OofSettings` for `setting`: a schedule in UTC (some servers take nothing
+    else); both messages always present (EWS requires them when enabled)."""
+    start = end = None
+    if setting.status == "scheduled":
+        assert setting.start is not None and setting.end is not None
+        start = EWSDateTime.from_datetime(setting.start.astimezone(dt.UTC)).astimezone(UTC)
+        end = EWSDateTime.from_datetime(setting.end.astimezone(dt.UTC)).astimezone(UTC)
+    return OofSettings(
+        state=_OOF_STATE[setting.status], external_audience=_OOF_AUDIENCE[setting.audience],
+        start=start, end=end, internal_reply=setting.internal or " ",
+        external_reply=setting.external or setting.internal or " ",
+    )
+
+
+def oof_reply(held: OofSettings | None) -> ReplySetting:
+    """Our reading of the `OofSettings` Exchange returned."""
+    if held is None:
+        return ReplySetting("disabled")
+    state = {v: k for k, v in _OOF_STATE.items()}.get(str(held.state), "disabled")
+    audience = {v: k for k, v in _OOF_AUDIENCE.items()}.get(str(held.external_audience), "all")
+
+    def instant(value: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        moment = dt.datetime.fromisoformat(value.isoformat())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        return moment.astimezone(dt.UTC)
+
+    return ReplySetting(
+        state,  # type: ignore[arg-type]
+        instant(held.start), instant(held.end),
+        str(held.internal_reply or ""), str(held.external_reply or ""),
+        audience,  # type: ignore[arg-type]
+    )
 
 
 def _resolve(op: _Op, value: Any) -> None:
