@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from consumer.health import STATUSES
+from consumer.targets import KNOWN
 
 _TS = {"type": ["string", "null"], "format": "date-time"}
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
@@ -211,10 +212,13 @@ _COMPONENTS: dict[str, Any] = {
         },
         "Item": {
             "type": "object", "additionalProperties": False,
-            "required": ["absence_id", "employee_email", "mailbox", "state", "code", "message",
-                         "hint", "attempts", "event_id", "updated_at"],
+            "required": ["absence_id", "target", "employee_email", "mailbox", "state", "code",
+                         "message", "hint", "attempts", "event_id", "updated_at"],
             "properties": {
                 "absence_id": {"type": "string"},
+                "target": {"enum": list(KNOWN), "description": "Where the item writes: "
+                           "calendar (the employee's own calendar) or team (the "
+                           "configuration's team calendar)."},
                 "employee_email": {"type": ["string", "null"]},
                 "mailbox": {"type": ["string", "null"],
                             "description": "The calendar written (or to write)."},
