@@ -89,6 +89,10 @@ class SyncView:
             "consent_url": self.consent_url,
             "warnings": list(self.stored.warnings),
             "counts": {state: self.summary.counts.get(state, 0) for state in ITEM_STATES},
+            "counts_by_target": {
+                target: {state: counts.get(state, 0) for state in ITEM_STATES}
+                for target, counts in sorted(self.summary.by_target.items())
+            },
             "last_success_at": _iso(self.summary.last_success_at),
             "last_failure_at": _iso(self.summary.last_failure_at),
             "deleting": self.summary.deleting,
@@ -309,7 +313,11 @@ class Admin:
                 and not stored.config.provider_settings.get("tenant_id")
             )
             link = await self._consent_url(stored, base_url) if consent_missing else None
-            cause = health.cause_sentence(verdict, stored.config.provider, link)
+            team = stored.config.team_calendar
+            cause = health.cause_sentence(
+                verdict, stored.config.provider, link,
+                team_address=team.address if team is not None else None,
+            )
             if cause is None and consent_missing:
                 cause = health.consent_sentence(link)
             views.append(SyncView(stored, verdict, cause, link, summary))

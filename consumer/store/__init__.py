@@ -1046,6 +1046,21 @@ async def backlog(pool: asyncpg.Pool) -> Backlog:
     return Backlog(int(row["n"]), float(row["age"]))
 
 
+async def status_counts_by_target(
+    pool: asyncpg.Pool, config_id: str
+) -> dict[str, dict[str, int]]:
+    """Items of a configuration per target (`calendar`, `team`...) and status."""
+    rows = await pool.fetch(
+        "SELECT target, status, count(*) AS n FROM sync_items WHERE config_id = $1"
+        " GROUP BY target, status ORDER BY target, status",
+        config_id,
+    )
+    found: dict[str, dict[str, int]] = {}
+    for r in rows:
+        found.setdefault(r["target"], {})[r["status"]] = int(r["n"])
+    return found
+
+
 async def status_counts(pool: asyncpg.Pool, config_id: str | None = None) -> dict[str, int]:
     rows = await pool.fetch(
         "SELECT status, count(*) AS n FROM sync_items"

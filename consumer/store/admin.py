@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import zlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -128,6 +128,8 @@ class Summary:
     last_success_at: dt.datetime | None
     last_failure_at: dt.datetime | None
     deleting: bool
+    #: the same counts per target (`calendar`, `team`...), for the targets holding items
+    by_target: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 async def summaries(pool: asyncpg.Pool, tenant: str, ids: Sequence[str]) -> dict[str, Summary]:
@@ -158,10 +160,22 @@ async def summaries(pool: asyncpg.Pool, tenant: str, ids: Sequence[str]) -> dict
         """,
         tenant, list(ids),
     )
+    per_target = await pool.fetch(
+        "SELECT config_id, target, status, count(*) AS n FROM sync_items"
+        " WHERE tenant = $1 AND config_id = ANY($2::text[]) GROUP BY 1, 2, 3",
+        tenant, list(ids),
+    )
+    by_target: dict[str, dict[str, dict[str, int]]] = {}
+    for t in per_target:
+        counts = by_target.setdefault(t["config_id"], {}).setdefault(
+            t["target"], dict.fromkeys(("synced", "pending", "failed", "deleted"), 0)
+        )
+        counts[t["status"]] = int(t["n"])
     return {
         r["id"]: Summary(
             {k: int(r[k]) for k in ("synced", "pending", "failed", "deleted")},
             r["last_success_at"], r["last_failure_at"], r["deleting"],
+            by_target.get(r["id"], {}),
         )
         for r in rows
     }

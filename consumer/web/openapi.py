@@ -87,6 +87,12 @@ _COMPONENTS: dict[str, Any] = {
                                 "missing."},
                 "warnings": {"type": "array", "items": {"type": "string"}},
                 "counts": {"$ref": "#/components/schemas/Counts"},
+                "counts_by_target": {
+                    "type": "object", "description": "The same counts per target: calendar "
+                    "(the employees' own calendars), team (the team calendar); only targets "
+                    "that hold items.",
+                    "additionalProperties": {"$ref": "#/components/schemas/Counts"},
+                },
                 "last_success_at": _TS,
                 "last_failure_at": _TS,
                 "deleting": {"type": "boolean", "description":
