@@ -253,10 +253,16 @@ def config_show(config_id: str) -> None:
     item counts and provider warnings. Reads ABSENCE_SYNC_DATABASE_URL."""
     settings = _settings()
 
-    async def go(pool: Any) -> tuple[store.StoredConfig | None, dict[str, int]]:
-        return await store.get_config(pool, config_id), await store.status_counts(pool, config_id)
+    async def go(pool: Any) -> tuple[
+        store.StoredConfig | None, dict[str, int], dict[str, dict[str, int]]
+    ]:
+        return (
+            await store.get_config(pool, config_id),
+            await store.status_counts(pool, config_id),
+            await store.status_counts_by_target(pool, config_id),
+        )
 
-    stored, counts = _with_pool(settings, go)
+    stored, counts, by_target = _with_pool(settings, go)
     if stored is None:
         _fail(f"no configuration with id {config_id!r}", 1)
     data = stored.config.public_dict()
@@ -265,6 +271,7 @@ def config_show(config_id: str) -> None:
     data["granted_tenant_id"] = stored.granted_tenant_id
     data["warnings"] = list(stored.warnings)
     data["items"] = counts
+    data["items_by_target"] = by_target
     click.echo(json.dumps(data, indent=2, default=str))
 
 

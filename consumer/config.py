@@ -42,6 +42,9 @@ ShowAs = Literal["free", "tentative", "busy", "oof", "workingElsewhere"]
 SHOW_AS: tuple[str, ...] = ("free", "tentative", "busy", "oof", "workingElsewhere")
 _SPAN = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+#: the loose e-mail check of the event schema (one '@', a dot in the domain, no blanks)
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_ADDRESS = 320
 
 
 class ConfigError(Exception):
@@ -141,6 +144,49 @@ class TypeRule(BaseModel):
         return self.model_dump(exclude_defaults=True)
 
 
+class TeamCalendar(BaseModel):
+    """A configuration's shared team calendar (`team_calendar: {address: ...}`).
+
+    `address` names one shared mailbox (Microsoft 365, Exchange, Google) or
+    CalDAV collection (the `{email}` of the CalDAV URL template), like an
+    employee's calendar address: every absence the configuration wants is
+    also written there, as the team view renders it. Kept in lower case,
+    as calendar addresses are compared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise ValueError(
+                "must be a mapping with the shared calendar's address, e.g. "
+                "{address: team-paris@acme.example}"
+            )
+        for key in raw:
+            if key not in cls.model_fields:
+                raise ValueError(
+                    f"unknown field {str(key)!r} (a team calendar accepts: address)"
+                )
+        return raw
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _check_address(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("must be an e-mail address (text)")
+        address = value.strip().lower()
+        if len(address) > MAX_ADDRESS or not _ADDRESS.match(address) or not (
+            address.isprintable()
+        ):
+            raise ValueError(
+                f"must be an e-mail address such as team-paris@acme.example, got {value!r}"
+            )
+        return address
+
+
 class SyncConfig(BaseModel):
     """One sync configuration. `provider_settings` excludes secrets."""
 
@@ -163,6 +209,8 @@ class SyncConfig(BaseModel):
     category: str | None = Field(default=None, max_length=255)
     #: per leave type rules, keyed by the events' `account.id`
     types: dict[str, TypeRule] = Field(default_factory=dict)
+    #: a shared calendar that also receives every wanted absence (the team view)
+    team_calendar: TeamCalendar | None = None
     #: automatic out-of-office replies (docs/auto-replies.md); None: none
     auto_reply: AutoReply | None = None
     provider_settings: dict[str, Any] = Field(default_factory=dict)
@@ -218,6 +266,17 @@ class SyncConfig(BaseModel):
         check_block(self.provider, self.provider_settings, self.secrets)
         return self
 
+    @model_validator(mode="after")
+    def _team_calendar_has_a_calendar(self) -> SyncConfig:
+        if self.team_calendar is not None and self.provider == "ics":
+            # the ics provider writes nowhere: its team view is the configuration feed
+            raise ValueError(
+                "team_calendar: an ics configuration has no calendar to write to; its "
+                "team view is the configuration feed ('absence-sync feed create --config "
+                "ID' without --employee)"
+            )
+        return self
+
     @field_validator("auto_reply", mode="before")
     @classmethod
     def _check_auto_reply(cls, value: Any) -> Any:
@@ -246,11 +305,14 @@ class SyncConfig(BaseModel):
     def public_dict(self) -> dict[str, Any]:
         """Everything but secret values (secret names are shown, not values).
 
-        `types` is left out when empty, so configurations stored before it
-        existed compare equal to the same file applied again."""
+        `types` and `team_calendar` are left out when not given, so
+        configurations stored before they existed compare equal to the same
+        file applied again."""
         data = self.model_dump(exclude={"secrets"})
         if not self.types:
             del data["types"]
+        if self.team_calendar is None:
+            del data["team_calendar"]
         if self.auto_reply is None:
             del data["auto_reply"]
         data["secrets"] = sorted(self.secrets)
@@ -259,17 +321,21 @@ class SyncConfig(BaseModel):
     def render_dict(self) -> dict[str, Any]:
         """The fields that change how events render (part of the content hash).
 
-        `types` counts only when given, so the render hash of a configuration
-        without type rules is what it was before they existed (no re-render)."""
+        `types` and `team_calendar` count only when given, so the render hash
+        of a configuration without them is what it was before they existed (no
+        re-render)."""
         data = self.model_dump(
             include={
                 "hide_labels", "hidden_label", "whole_days_as_timed", "morning",
                 "afternoon", "time_zone", "sync_pending", "busy_as", "free_as",
-                "private", "category", "establishments", "types", "auto_reply",
+                "private", "category", "establishments", "types", "team_calendar",
+                "auto_reply",
             }
         )
         if not self.types:
             del data["types"]
+        if self.team_calendar is None:
+            del data["team_calendar"]
         if self.auto_reply is None:
             del data["auto_reply"]
         return data
@@ -563,6 +629,12 @@ def parse_sync(where: str, raw: Any) -> SyncConfig:
     if others:
         raise ConfigError(f"{where}: field '{others[0]}': block does not match provider {provider}")
     plain, secrets = _resolve_block(where, provider, raw.get(provider))
+    if provider == "ics" and raw.get("team_calendar") is not None:
+        raise ConfigError(
+            f"{where}: field 'team_calendar': an ics configuration has no calendar to "
+            "write to; its team view is the configuration feed ('absence-sync feed create "
+            "--config ID' without --employee)"
+        )
     try:
         return SyncConfig(**fields, provider_settings=plain, secrets=secrets)
     except ValidationError as exc:
