@@ -10,6 +10,10 @@ constraint `sync_items_target_known` (migration 0011):
 * `team`: the configuration's shared team calendar (`team_calendar:`),
   rendered by `render_team` at the team address; only configurations that
   name one have it.
+* `reply`: the employee's automatic out-of-office reply (`auto_reply:`),
+  for configurations whose provider sets replies. It holds no event: the
+  dispatcher hands its items to `consumer.dispatch.replies` (one reply per
+  mailbox, never over the employee's own), so its `render` is always None.
 
 Each target is planned, retried, adopted after a crash and monitored on its
 own: the employee's calendar refusing a write never holds back the team
@@ -32,12 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from consumer.config import SyncConfig
+from consumer.config import REPLY_PROVIDERS, SyncConfig
 from consumer.events import Absence
 from consumer.render import DesiredEvent, Mark, render, render_team
 
 CALENDAR: Final = "calendar"
 TEAM: Final = "team"
+REPLY: Final = "reply"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,14 @@ TARGETS: dict[str, TargetSpec] = {
         render=_render_team,
         mark=lambda config_id, absence_id: Mark(config_id, absence_id, team=True),
         address=lambda absence, config: _team_address(config),
+    ),
+    REPLY: TargetSpec(
+        REPLY,
+        applies=lambda config: config.auto_reply is not None
+        and config.provider in REPLY_PROVIDERS,
+        render=lambda absence, config: None,
+        mark=lambda config_id, absence_id: Mark(config_id, absence_id),
+        address=_calendar_address,
     ),
 }
 

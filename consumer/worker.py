@@ -23,6 +23,7 @@ from aiohttp import web
 
 from consumer import logs, resync, store
 from consumer.dispatch import Dispatcher, ProviderFactory
+from consumer.dispatch.replies import RecheckLoop
 from consumer.embedded import EmbeddedError, EmbeddedKafka, EmbeddedPostgres
 from consumer.intake import Intake, TopicWatch, ensure_topics
 from consumer.maintenance import Maintenance
@@ -151,6 +152,9 @@ async def run_worker(
                 asyncio.create_task(dispatcher.run(stop), name="dispatch"),
                 asyncio.create_task(
                     Maintenance(settings, pool, metrics).run(stop), name="maintenance"
+                ),
+                asyncio.create_task(
+                    RecheckLoop(pool, dispatcher.notify).run(stop), name="reply-recheck"
                 ),
             ]
             joining = asyncio.create_task(intake.start(), name="intake-start")

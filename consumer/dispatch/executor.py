@@ -41,6 +41,7 @@ from consumer import logs, store
 from consumer.coalesce import Coalescer
 from consumer.dispatch.limits import KeyedLimiter, MailboxLeases, mailbox_key
 from consumer.dispatch.providers import Resolved
+from consumer.dispatch.replies import ReplyRunner, ReplyWork, reply_mailboxes
 from consumer.metrics import Metrics
 from consumer.outages import Backoff, Outages, traceback_of
 from consumer.plan import Action, Create, Delete, Move, Noop, Recorded, Update, plan_batch
@@ -52,7 +53,7 @@ from consumer.providers.base import (
     ProviderError,
 )
 from consumer.render import DesiredEvent
-from consumer.targets import CALENDAR
+from consumer.targets import CALENDAR, REPLY
 from consumer.targets import spec as target_spec
 from consumer.targets import transaction_id as _transaction_id
 
@@ -137,7 +138,7 @@ class _Step:
     provider: Provider
     stats: _Stats
     desired: DesiredEvent | None = None
-    action: Action | None = None
+    action: Action | ReplyWork | None = None
     operation: str = "resolve"  # what the history calls it: create, update, move...
     call: str = ""  # the provider call under way
     intent_recorded: bool = False
@@ -230,11 +231,14 @@ class Executor:
         self._intents: Coalescer[tuple[store.Claimed, str, int]] = Coalescer(
             lambda rows: store.begin_creates(pool, rows)
         )
-        self._handlers: dict[type[Action], Handler] = {
+        #: the `reply` target's work (automatic replies)
+        self.replies = ReplyRunner(pool)
+        self._handlers: dict[type[Action | ReplyWork], Handler] = {
             Create: self._create,
             Update: self._update,
             Move: self._move,
             Delete: self._delete,
+            ReplyWork: self._reply,
         }
         self._children: dict[tuple[str, str], Any] = {}
 
@@ -260,7 +264,10 @@ class Executor:
                 self._failed(batch, job.item, resolved.problem, "resolve", None)
             else:
                 steps.append(_Step(job, resolved.provider, batch.stats))
-        sure = [s for s in steps if not s.item.in_doubt]
+        for step in steps:
+            if step.item.target == REPLY:  # one reply per mailbox: planned as it runs
+                step.action = ReplyWork(reply_mailboxes(step.item))
+        sure = [s for s in steps if not s.item.in_doubt and s.item.target != REPLY]
         for step, (desired, action) in zip(sure, plan_batch(
             (_render(s),
              Recorded(s.item.event_id, s.item.mailbox, s.item.applied_hash), s.item.force)
@@ -448,6 +455,21 @@ class Executor:
         if not existed:
             step.operation = "delete_gone"
         return _outcome(None, None, None)
+
+    async def _reply(self, step: _Step, batch: _Batch) -> store.Outcome:
+        assert isinstance(step.action, ReplyWork)
+        step.operation = "reply"
+
+        def call(mailbox: str, operation: str, fn: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+            return self._call(step, mailbox, operation, fn)
+
+        def persist(fn: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+            return self._persist(batch.clock, fn)
+
+        outcome, step.operation = await self.replies.run(
+            step.item, step.job.resolved.stored.config, step.provider, call=call, persist=persist,
+        )
+        return outcome
 
     async def _create_event(self, step: _Step, batch: _Batch, target: DesiredEvent) -> str:
         item = step.item
@@ -682,7 +704,9 @@ def _mailboxes(step: _Step) -> Iterable[str]:
         if address is not None:
             yield address
         return
-    if isinstance(action, Create | Update):
+    if isinstance(action, ReplyWork):
+        yield from action.mailboxes
+    elif isinstance(action, Create | Update):
         yield action.desired.mailbox
     elif isinstance(action, Move):
         yield action.old_mailbox
