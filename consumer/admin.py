@@ -41,6 +41,10 @@ HEALTH_WINDOW_SECONDS = 24 * 3600.0
 HEALTH_WINDOW_OUTCOMES = 2000
 MAX_SECRET_CHARS = 16_384
 ITEM_STATES = ("pending", "synced", "failed", "deleted")
+#: a reply item whose mailbox holds the employee's own reply (configurations
+#: with `auto_reply` count it; any configuration's items may be listed by it)
+SKIPPED_USER_REPLY = "skipped_user_reply"
+LISTED_STATES = (*ITEM_STATES, SKIPPED_USER_REPLY)
 _PLACEHOLDER = resources.files("consumer") / "secret_placeholder.txt"
 
 
@@ -79,6 +83,7 @@ class SyncView:
 
     def to_json(self, *, detail: bool = False) -> dict[str, Any]:
         config = self.stored.config
+        states = LISTED_STATES if config.auto_reply is not None else ITEM_STATES
         doc: dict[str, Any] = {
             "id": config.id,
             "tenant": config.tenant,
@@ -88,9 +93,9 @@ class SyncView:
             "cause": self.cause,
             "consent_url": self.consent_url,
             "warnings": list(self.stored.warnings),
-            "counts": {state: self.summary.counts.get(state, 0) for state in ITEM_STATES},
+            "counts": {state: self.summary.counts.get(state, 0) for state in states},
             "counts_by_target": {
-                target: {state: counts.get(state, 0) for state in ITEM_STATES}
+                target: {state: counts.get(state, 0) for state in states}
                 for target, counts in sorted(self.summary.by_target.items())
             },
             "last_success_at": _iso(self.summary.last_success_at),
@@ -343,9 +348,9 @@ class Admin:
         limit: int,
     ) -> ItemsPage:
         stored = await self._config(tenant, config_id)
-        if state is not None and state not in ITEM_STATES:
+        if state is not None and state not in LISTED_STATES:
             raise AdminError(400, "invalid_request",
-                             f"state must be one of {', '.join(ITEM_STATES)}")
+                             f"state must be one of {', '.join(LISTED_STATES)}")
         after = _decode_cursor(cursor) if cursor else None
         team = stored.config.team_calendar
         rows, more = await admin_store.items_page(

@@ -17,6 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from consumer import store
+from consumer.admin import Admin
 from consumer.config import SyncConfig
 from consumer.dispatch import Executor, Job, KeyedLimiter, LeaseClock, ProviderCache, RetryPolicy
 from consumer.events import parse_event
@@ -164,6 +165,14 @@ async def test_the_employees_own_reply_is_left_alone(m365: World, graph: GraphSe
     assert item["status"] == "skipped_user_reply"
     counts = await store.status_counts(m365.pool, "acme-o365")
     assert counts.get("skipped_user_reply") == 1
+    # monitoring: counted per configuration and target, listed by state
+    admin = Admin(m365.pool)
+    view = (await admin.sync("acme", "acme-o365", "https://sync.example.com")).to_json()
+    assert view["counts"]["skipped_user_reply"] == 1
+    assert view["counts_by_target"]["reply"]["skipped_user_reply"] == 1
+    page = await admin.items("acme", "acme-o365", state="skipped_user_reply", cursor=None,
+                             limit=50)
+    assert [(r.absence_id, r.target) for r in page.items] == [("b1", "reply")]
     history = await m365.pool.fetch(
         "SELECT operation FROM sync_log WHERE absence_id = 'b1' AND target = 'reply'")
     assert "reply_skipped" in [h["operation"] for h in history]

@@ -132,12 +132,16 @@ class Summary:
     by_target: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+_STATES = ("synced", "pending", "failed", "deleted", "skipped_user_reply")
+
+
 async def summaries(pool: asyncpg.Pool, tenant: str, ids: Sequence[str]) -> dict[str, Summary]:
     rows = await pool.fetch(
         """
         SELECT c.id, c.purge_requested_at IS NOT NULL AS deleting,
                COALESCE(i.synced, 0) AS synced, COALESCE(i.pending, 0) AS pending,
                COALESCE(i.failed, 0) AS failed, COALESCE(i.deleted, 0) AS deleted,
+               COALESCE(i.skipped_user_reply, 0) AS skipped_user_reply,
                i.last_success_at,
                GREATEST(f.at, i.last_failed_item_at) AS last_failure_at
         FROM sync_configs c
@@ -146,6 +150,7 @@ async def summaries(pool: asyncpg.Pool, tenant: str, ids: Sequence[str]) -> dict
                    count(*) FILTER (WHERE status = 'pending') AS pending,
                    count(*) FILTER (WHERE status = 'failed') AS failed,
                    count(*) FILTER (WHERE status = 'deleted') AS deleted,
+                   count(*) FILTER (WHERE status = 'skipped_user_reply') AS skipped_user_reply,
                    max(synced_at) AS last_success_at,
                    max(updated_at) FILTER (WHERE status = 'failed') AS last_failed_item_at
             FROM sync_items WHERE config_id = c.id
@@ -168,12 +173,12 @@ async def summaries(pool: asyncpg.Pool, tenant: str, ids: Sequence[str]) -> dict
     by_target: dict[str, dict[str, dict[str, int]]] = {}
     for t in per_target:
         counts = by_target.setdefault(t["config_id"], {}).setdefault(
-            t["target"], dict.fromkeys(("synced", "pending", "failed", "deleted"), 0)
+            t["target"], dict.fromkeys(_STATES, 0)
         )
         counts[t["status"]] = int(t["n"])
     return {
         r["id"]: Summary(
-            {k: int(r[k]) for k in ("synced", "pending", "failed", "deleted")},
+            {k: int(r[k]) for k in _STATES},
             r["last_success_at"], r["last_failure_at"], r["deleting"],
             by_target.get(r["id"], {}),
         )

@@ -62,7 +62,8 @@ _COMPONENTS: dict[str, Any] = {
             "type": "object", "additionalProperties": False,
             "required": ["pending", "synced", "failed", "deleted"],
             "properties": {s: {"type": "integer", "minimum": 0}
-                           for s in ("pending", "synced", "failed", "deleted")},
+                           for s in ("pending", "synced", "failed", "deleted",
+                                     "skipped_user_reply")},
         },
         "Sync": {
             "type": "object",
@@ -228,7 +229,8 @@ _COMPONENTS: dict[str, Any] = {
                 "employee_email": {"type": ["string", "null"]},
                 "mailbox": {"type": ["string", "null"],
                             "description": "The calendar written (or to write)."},
-                "state": {"enum": ["pending", "synced", "failed", "deleted"]},
+                "state": {"enum": ["pending", "synced", "failed", "deleted",
+                                    "skipped_user_reply"]},
                 "code": {"type": ["string", "null"], "description": "Last error code: "
                          "mailbox_not_found, access_denied, auth_failed, consent_missing, "
                          "throttled, server_unreachable, tls_untrusted_certificate, "
@@ -365,7 +367,8 @@ _PATHS: dict[str, Any] = {
              **_errors(400, 401, 404)},
             parameters=[
                 {"name": "state", "in": "query", "required": False,
-                 "schema": {"enum": ["pending", "synced", "failed", "deleted"]}},
+                 "schema": {"enum": ["pending", "synced", "failed", "deleted",
+                                             "skipped_user_reply"]}},
                 {"name": "limit", "in": "query", "required": False,
                  "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
                 {"name": "cursor", "in": "query", "required": False,
