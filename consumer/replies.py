@@ -82,7 +82,7 @@ class AutoReply(BaseModel):
     internal: str = Field(min_length=1, max_length=MAX_MESSAGE)
     external: str | None = Field(default=None, max_length=MAX_MESSAGE)
     audience: Audience = "all"
-    types: tuple[str, ...] | None = None
+    types: list[str] | None = None
     date_format: str | None = Field(default=None, min_length=1, max_length=100)
     subject: str = Field(default=DEFAULT_SUBJECT, min_length=1, max_length=255)
 
@@ -110,7 +110,7 @@ class AutoReply(BaseModel):
             if isinstance(item, bool) or not isinstance(item, str | int) or not str(item).strip():
                 raise ValueError(f"{item!r} is not a leave type id (account.id)")
             out.append(str(item))
-        return tuple(out)
+        return out
 
     @field_validator("date_format")
     @classmethod
