@@ -618,12 +618,16 @@ def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
         _fail(f"the consent redirect must be an https:// address, got {redirect_uri!r}")
     state = pysecrets.token_urlsafe(24)
 
+    permissions = ["Calendars.ReadWrite"]
+
     async def go(pool: Any) -> bool:
         stored = await store.get_config(pool, config_id)
         if stored is None:
             return False
         if stored.config.provider != "microsoft365":
             _fail(f"configuration {config_id!r} uses {stored.config.provider}, not microsoft365")
+        if stored.config.auto_reply is not None:
+            permissions.append("MailboxSettings.ReadWrite")
         await store.new_consent_state(pool, config_id, state)
         return True
 
@@ -633,7 +637,8 @@ def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
     click.echo(consent_url(settings, config_id, state, redirect_uri))
     click.echo(
         f"The link works once and expires at {expires:%Y-%m-%d %H:%M} UTC "
-        f"(in {store.CONSENT_LIFETIME.days * 24} hours).",
+        f"(in {store.CONSENT_LIFETIME.days * 24} hours). It grants the application "
+        f"permissions registered on it; this configuration needs {' and '.join(permissions)}.",
         err=True,
     )
 

@@ -332,3 +332,18 @@ async def test_exchange_through_the_executor(pool: asyncpg.Pool, ews: EwsServer)
         assert "My own words" in ews.oof_of(address)["internal"]
     finally:
         await provider.close()
+
+
+async def test_the_consent_link_names_the_mailbox_settings_permission(
+    dsn: str, pool: asyncpg.Pool,
+) -> None:
+    from tests.test_consent import consent_url
+
+    await store.apply_configs(pool, [
+        o365(), SyncConfig(id="acme-plain", tenant="acme", provider="microsoft365"),
+    ], SecretBox(None))
+    with_replies = consent_url(dsn, "acme-o365")
+    assert with_replies.returncode == 0, with_replies.stderr
+    assert "Calendars.ReadWrite and MailboxSettings.ReadWrite" in with_replies.stderr
+    plain = consent_url(dsn, "acme-plain")
+    assert plain.returncode == 0 and "MailboxSettings" not in plain.stderr
