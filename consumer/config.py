@@ -338,6 +338,23 @@ def _exchange_rules(block: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+GOOGLE_AUTODECLINE = ("none", "all", "new")
+
+
+def _google_rules(block: dict[str, Any]) -> list[tuple[str, str]]:
+    """`autodecline` one of none/all/new (normalised to lower case); a non-empty
+    `calendar_id`."""
+    if "calendar_id" in block and not block["calendar_id"].strip():
+        return [("calendar_id", "must be a non-empty string (default primary)")]
+    if "autodecline" in block:
+        value = block["autodecline"].strip().lower()
+        if value not in GOOGLE_AUTODECLINE:
+            return [("autodecline", f"must be one of {', '.join(GOOGLE_AUTODECLINE)}, "
+                                    f"got {block['autodecline']!r}")]
+        block["autodecline"] = value
+    return []
+
+
 #: provider -> the keys of its block. Providers add or extend their entry here.
 PROVIDER_BLOCKS: dict[str, BlockSpec] = {
     "microsoft365": BlockSpec(
@@ -363,6 +380,7 @@ PROVIDER_BLOCKS: dict[str, BlockSpec] = {
         plain={"calendar_id": str, "autodecline": str},
         secrets=frozenset({"service_account"}),
         required=("service_account",),
+        check=_google_rules,
     ),
     # no remote calendar: the worker serves the events as iCalendar feeds
     "ics": BlockSpec(
