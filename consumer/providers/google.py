@@ -538,10 +538,10 @@ class GoogleProvider(Provider):
         key = f"{self.key.client_email}|{mailbox.casefold()}"
         reply: GoogleReply | None = None
         for _ in range(2):
+            token = await self.tokens.get(mailbox, CALENDAR_SCOPE)
             wait = self._limits.reserve(key, self.timeout)
             if wait > 0:
                 await asyncio.sleep(wait)
-            token = await self.tokens.get(mailbox, CALENDAR_SCOPE)
             reply = await self._batcher.submit(_Pending(method, path, body, token))
             if reply.status != 401:
                 break
