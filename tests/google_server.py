@@ -137,6 +137,9 @@ class GoogleServer:
     requests: list[Recorded] = field(default_factory=list)
     unexpected: list[Recorded] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
+    batch_users: list[set[str | None]] = field(default_factory=list)
+    #: methods the Calendar API answers 405 to (a double that only patches, say)
+    refused_methods: set[str] = field(default_factory=set)
     scripts: dict[str, list[Answer]] = field(default_factory=lambda: defaultdict(list))
     lose_insert: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     user_rate: int = 600
@@ -341,6 +344,7 @@ class GoogleServer:
                  f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=UTF-8\r\n"
                  f"Content-Length: {len(text)}\r\n\r\n").encode() + text + b"\r\n"
             )
+        self.batch_users.append({r.user for r in self.requests[-len(parts):]})
         out.append(f"--{boundary}--\r\n".encode())
         return web.Response(body=b"".join(out), status=200,
                             headers={"Content-Type": f"multipart/mixed; boundary={boundary}"})
@@ -368,6 +372,8 @@ class GoogleServer:
         if len(recent) > self.user_rate:
             self.rate_limited.append(record)
             return google_error(403, "rateLimitExceeded", "Rate Limit Exceeded", "usageLimits")
+        if method in self.refused_methods:
+            return google_error(405, "methodNotAllowed", "Method Not Allowed")
         scripted = self.scripts.get(user) or self.scripts.get("*")
         if scripted:
             return scripted.pop(0)

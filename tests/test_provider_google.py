@@ -241,6 +241,16 @@ async def test_update_keeps_the_id_and_replaces_the_content(
         "Paid leave", "private", "tentative")
 
 
+async def test_server_that_only_patches_gets_a_patch(
+    google: GoogleServer, gcal: GoogleProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = new_user(google)
+    event_id = await gcal.create(desired(user), transaction_id="t")
+    monkeypatch.setattr(google, "refused_methods", {"PUT"})
+    assert await gcal.update(user, event_id, desired(user, subject="Leave")) == event_id
+    assert stored(google, user, event_id)["summary"] == "Leave"
+
+
 # ---------------------------------------------------------------- ids and adoption
 
 
@@ -503,7 +513,9 @@ async def test_operations_issued_together_are_batched(
     assert len(set(ids)) == len(events)
     sizes = google.batch_sizes[sizes_before:]
     assert sizes and max(sizes) > 1 and max(sizes) <= 10
-    for user in users:  # each part carried its own employee's token
+    # a batch holds one employee's requests (its token is the outer one too)
+    assert all(len(users_of) == 1 for users_of in google.batch_users[sizes_before:])
+    for user in users:
         assert len(google.events(user)) == 3
     found = await asyncio.gather(*(gcal.find(e.mailbox, e.mark) for e in events))
     assert [f[0] for f in found] == list(ids)

@@ -159,7 +159,6 @@ def event_payload(event: DesiredEvent, *, primary: bool = True,
         "status": "tentative" if event.show_as == "tentative" else "confirmed",
         "visibility": "private" if event.private else "default",
         "reminders": {"useDefault": False},
-        "guestsCanInviteOthers": False,
         "extendedProperties": {"private": {MARK_KEY: event.mark.value}},
     }
     if out_of_office:
@@ -514,8 +513,10 @@ class GoogleProvider(Provider):
             await self.delete(mailbox, event_id)
             return await self._insert(event, f"{event.mark.value}\n{event_id}\n"
                                              f"{body['eventType']}")
-        reply = await self._call(mailbox, "PUT",
-                                 self._event(mailbox, event_id) + "?sendUpdates=none", body)
+        path = self._event(mailbox, event_id) + "?sendUpdates=none"
+        reply = await self._call(mailbox, "PUT", path, body)
+        if reply.status in (405, 501):  # a server that only patches: the body is complete
+            reply = await self._call(mailbox, "PATCH", path, body)
         if reply.ok:
             return event_id
         raise translate_error(reply, mailbox=mailbox, where="event")
@@ -529,8 +530,8 @@ class GoogleProvider(Provider):
     async def _call(self, mailbox: str, method: str, path: str,
                     body: dict[str, Any] | None) -> GoogleReply:
         """One request as `mailbox`, within its rate limit, with one fresh token after
-        a 401: the reply whatever its status (callers read it), or a `ProviderError`
-        for throttling, tokens and transport failures."""
+        a 401: a successful reply or one of the statuses callers read (404, 405, 409,
+        410, 501); a `ProviderError` for everything else."""
         if self._problem is not None:
             raise _copy(self._problem)
         if self._closed:
@@ -549,7 +550,7 @@ class GoogleProvider(Provider):
         assert reply is not None
         if reply.status == 429 or reply.reason in _THROTTLE_REASONS:
             self._limits.drain(key)
-        if not reply.ok and reply.status not in (404, 409, 410):
+        if not reply.ok and reply.status not in (404, 405, 409, 410, 501):
             on_event = path.split("?", 1)[0].count("/") > 3
             raise translate_error(reply, mailbox=mailbox, where="event" if on_event else "calendar")
         return reply
@@ -562,11 +563,23 @@ class GoogleProvider(Provider):
         return self._http
 
     async def _send(self, group: list[_Pending]) -> list[GoogleReply | BaseException]:
-        """One HTTP request for `group` (alone, or one batch): a reply or error per item."""
+        """`group` as one batch per employee (a lone request unbatched): a reply or an
+        error per item, in order. A batch holds one employee's requests only, so
+        its outer Authorization is every part's too."""
+        by_token: dict[str, list[_Pending]] = {}
+        for item in group:
+            by_token.setdefault(item.token, []).append(item)
+        answers = await asyncio.gather(*(self._send_one(items) for items in by_token.values()))
+        results: dict[int, GoogleReply | BaseException] = {}
+        for items, replies in zip(by_token.values(), answers, strict=True):
+            results.update((id(item), reply) for item, reply in zip(items, replies, strict=True))
+        return [results[id(item)] for item in group]
+
+    async def _send_one(self, group: list[_Pending]) -> list[GoogleReply | BaseException]:
         try:
             if len(group) > 1 and self._batching:
                 try:
-                    return list(await self._batch(group))
+                    return await self._batch(group)
                 except _NoBatch:
                     self._batching = False
             replies = await asyncio.gather(
