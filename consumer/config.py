@@ -516,9 +516,24 @@ def check_block(provider: str, plain: Mapping[str, Any], secret_names: Iterable[
             raise ValueError(f"unknown {provider} secret {name!r}")
 
 
+def _google_warnings(config: SyncConfig) -> list[str]:
+    calendar = str(config.provider_settings.get("calendar_id") or "primary")
+    out_of_office = config.busy_as == "oof" or any(
+        rule.show_as == "oof" for rule in (config.types or {}).values()
+    )
+    if calendar == "primary" or not out_of_office:
+        return []
+    return [
+        f"google.calendar_id is {calendar!r}: Google has out-of-office events only in "
+        "primary calendars, so show-as oof is written as an ordinary busy event there."
+    ]
+
+
 def config_warnings(config: SyncConfig) -> list[str]:
     """What is doubtful about a valid configuration (shown by `config apply` and
     `config show`; the provider reports the same)."""
+    if config.provider == "google":
+        return _google_warnings(config)
     if config.provider != "exchange":
         return []
     url = urlsplit(str(config.provider_settings.get("url", "")))

@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from consumer.config import SyncConfig
+from consumer.config import ConfigError, SyncConfig, config_warnings, parse_sync
 from consumer.providers.base import (
     ACCESS_DENIED,
     AUTH_FAILED,
@@ -39,6 +41,7 @@ from consumer.providers.google import (
     MARK_KEY,
     QUOTA_BACKOFF,
     GoogleProvider,
+    event_payload,
     google_event_id,
     parse_batch,
 )
@@ -50,7 +53,7 @@ from consumer.providers.google_auth import (
 )
 from consumer.render import Mark
 from consumer.settings import Settings
-from tests.google_server import GoogleServer
+from tests.google_server import GoogleServer, validate_event
 from tests.provider_contract import ProviderContract, desired
 
 ACCOUNT = "absence-sync@acme-project.iam.gserviceaccount.com"
@@ -585,3 +588,78 @@ async def test_google_rate_limit_answer_is_throttled(google: GoogleServer, gcal:
     errors = [r for r in results if isinstance(r, ProviderError)]
     assert errors and all(e.code == THROTTLED and e.retriable for e in errors)
     assert google.rate_limited
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_google_block_checks_autodecline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_GOOGLE_KEY", '{"type": "service_account"}')
+    base = {"id": "g", "tenant": "acme", "provider": "google"}
+    config = parse_sync("syncs[0]", {**base, "google": {
+        "service_account_env": "TEST_GOOGLE_KEY", "autodecline": "ALL"}})
+    assert config.provider_settings == {"autodecline": "all"}
+    with pytest.raises(ConfigError, match=r"google\.autodecline.*none, all, new"):
+        parse_sync("syncs[0]", {**base, "google": {
+            "service_account_env": "TEST_GOOGLE_KEY", "autodecline": "sometimes"}})
+    with pytest.raises(ConfigError, match=r"google\.calendar_id"):
+        parse_sync("syncs[0]", {**base, "google": {
+            "service_account_env": "TEST_GOOGLE_KEY", "calendar_id": " "}})
+
+
+async def test_out_of_office_outside_primary_is_warned(google: GoogleServer, key: str) -> None:
+    def config(**fields: Any) -> SyncConfig:
+        return SyncConfig(id="w", tenant="acme", provider="google",
+                          secrets={"service_account": key}, **fields)
+
+    shared = config(busy_as="oof", provider_settings={"calendar_id": "absences"})
+    assert config_warnings(shared) and "primary" in config_warnings(shared)[0]
+    assert config_warnings(config(busy_as="oof")) == []
+    assert config_warnings(config(provider_settings={"calendar_id": "absences"})) == []
+    settings = make_settings(google)
+    provider = GoogleProvider.from_config(shared, ProviderContext(settings,
+                                                                  make_ssl_context(settings)))
+    try:
+        assert provider.warnings == tuple(config_warnings(shared))
+    finally:
+        await provider.close()
+
+
+_zones = st.sampled_from(["Europe/Paris", "America/New_York", "Asia/Kolkata", "UTC"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    show_as=st.sampled_from(["free", "tentative", "busy", "oof", "workingElsewhere"]),
+    all_day=st.booleans(),
+    day=st.dates(min_value=dt.date(2000, 1, 1), max_value=dt.date(2099, 12, 1)),
+    length=st.integers(min_value=0, max_value=40),
+    minutes=st.tuples(st.integers(0, 23 * 60), st.integers(1, 12 * 60)),
+    zone=_zones,
+    private=st.booleans(),
+    subject=st.text(min_size=1, max_size=255),
+    primary=st.booleans(),
+    autodecline=st.sampled_from(["none", "all", "new"]),
+)
+def test_every_rendered_event_is_a_payload_google_accepts(
+    show_as: str, all_day: bool, day: dt.date, length: int, minutes: tuple[int, int],
+    zone: str, private: bool, subject: str, primary: bool, autodecline: str,
+) -> None:
+    if all_day:
+        start = dt.datetime.combine(day, dt.time())
+        end = start + dt.timedelta(days=length + 1)
+    else:
+        start = dt.datetime.combine(day, dt.time()) + dt.timedelta(minutes=minutes[0])
+        end = start + dt.timedelta(days=length, minutes=minutes[1])
+    event = desired("x@acme.test", show_as=show_as, all_day=all_day, start=start, end=end,
+                    time_zone=zone, private=private, subject=subject)
+    body = event_payload(event, primary=primary, autodecline=autodecline)
+    assert validate_event(json.loads(json.dumps(body)),
+                          "primary" if primary else "absences") is None
+    assert (body["eventType"] == "outOfOffice") == (show_as == "oof" and primary)
+    assert body["extendedProperties"]["private"][MARK_KEY] == event.mark.value
+
+
+@given(seed=st.text(), attempt=st.integers(0, 1000))
+def test_event_ids_always_follow_googles_rules(seed: str, attempt: int) -> None:
+    assert re.fullmatch(r"[0-9a-v]{5,1024}", google_event_id(seed, attempt))

@@ -352,6 +352,7 @@ class GoogleProvider(Provider):
         settings = context.settings
         self.context = context
         self.config_id = config_id
+        self.static_warnings: tuple[str, ...] = ()
         self.calendar_id = calendar_id or "primary"
         self.autodecline = autodecline if autodecline in AUTODECLINE else "none"
         self.api_url = settings.google_api_url.rstrip("/")
@@ -385,14 +386,22 @@ class GoogleProvider(Provider):
 
     @classmethod
     def from_config(cls, config: SyncConfig, context: ProviderContext) -> GoogleProvider:
+        from consumer.config import config_warnings
+
         block = config.provider_settings
-        return cls(
+        provider = cls(
             context,
             config.secrets.get("service_account"),
             config_id=config.id,
             calendar_id=str(block.get("calendar_id") or "primary"),
             autodecline=str(block.get("autodecline") or "none"),
         )
+        provider.static_warnings = tuple(config_warnings(config))
+        return provider
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self.static_warnings
 
     # ------------------------------------------------------------------ paths
 

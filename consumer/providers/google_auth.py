@@ -162,6 +162,12 @@ class GoogleTokens:
     One instance per service account key; `get(subject, scope)` may be called
     with any scope the administrator authorized. Call `close` when done."""
 
+    @classmethod
+    def from_key_json(cls, key_json: str, context: ProviderContext) -> GoogleTokens:
+        """The client for a configuration's stored key (`secrets["service_account"]`);
+        raises `ProviderError(auth_failed)` when it is not a service account's key."""
+        return cls(ServiceAccountKey.parse(key_json), context)
+
     def __init__(self, key: ServiceAccountKey, context: ProviderContext, *,
                  token_url: str | None = None, timeout: float | None = None) -> None:
         self.key = key
