@@ -333,3 +333,36 @@ async def test_permanent_failures_carry_code_and_hint(e2e: E2E, google: GoogleSe
     assert {r["attempts"] for r in rows.values() if r["status"] == "failed"} == {1}
     shown = await e2e.cli("config", "show", "globex-google")
     assert "PRIVATE KEY" not in shown and "PRIVATE KEY" not in worker.output()
+
+
+async def test_rate_limit_answers_are_retried_and_writes_are_batched(e2e: E2E) -> None:
+    await e2e.apply(syncs(e2e))
+    busy = e2e.user("busy")
+    e2e.google.script(busy, 403, "rateLimitExceeded", "Rate Limit Exceeded", times=2,
+                      domain="usageLimits")
+    e2e.google.script(busy, 503, "backendError", "Backend Error")
+    batches_before = len(e2e.google.batch_sizes)
+    docs = [absence(f"a-{n:02}", 1, busy, start=(f"2027-01-{n + 1:02}", "am"),
+                    end=(f"2027-01-{n + 1:02}", "pm")) for n in range(20)]
+    await e2e.publish(docs)
+    worker = e2e.start(ABSENCE_SYNC_RETRY_BASE_SECONDS="0.2")
+    await e2e.wait_settled(len(docs))
+    await worker.terminate(e2e.shutdown_budget)
+    assert {k: len(v) for k, v in e2e.by_mark(busy).items()} == {
+        mark(f"a-{n:02}"): 1 for n in range(20)}
+    rows = await e2e.items()
+    assert {r["status"] for r in rows.values()} == {"synced"}
+    sizes = e2e.google.batch_sizes[batches_before:]
+    assert sizes and max(sizes) > 1 and max(sizes) <= 4  # 4 in flight per mailbox
+    conn = await asyncpg.connect(settings_dsn(e2e))
+    try:
+        codes = Counter(r["error_code"] for r in await conn.fetch(
+            "SELECT error_code FROM sync_log WHERE outcome = 'error'"))
+    finally:
+        await conn.close()
+    assert codes == {"throttled": 2, "provider_error": 1}
+
+
+def settings_dsn(e2e: E2E) -> str:
+    assert e2e.settings.database_url
+    return e2e.settings.database_url
