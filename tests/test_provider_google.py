@@ -31,6 +31,7 @@ from consumer.providers.base import (
     PROVIDER_ERROR,
     SERVER_UNREACHABLE,
     THROTTLED,
+    TLS_UNTRUSTED_CERTIFICATE,
     EventGone,
     Provider,
     ProviderContext,
@@ -529,9 +530,10 @@ def test_batch_response_parts_are_matched_by_content_id() -> None:
            b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\r\n{\"x\": 1}\r\n"
            b"--b\r\nContent-Type: application/http\r\nContent-ID: <response-item-0>\r\n\r\n"
            b"HTTP/1.1 204 No Content\r\n\r\n\r\n--b--\r\n")
-    parts = parse_batch(raw, 'multipart/mixed; boundary="b"')
-    assert parts[0][0] == 204 and parts[0][2] == b""
-    assert parts[1][0] == 404 and json.loads(parts[1][2]) == {"x": 1}
+    for text in (raw, raw.replace(b"\r\n", b"\n")):
+        parts = parse_batch(text, 'multipart/mixed; boundary="b"')
+        assert parts[0][0] == 204 and parts[0][2] == b""
+        assert parts[1][0] == 404 and json.loads(parts[1][2]) == {"x": 1}
 
 
 async def test_server_without_batch_endpoint_gets_single_requests(
@@ -663,3 +665,16 @@ def test_every_rendered_event_is_a_payload_google_accepts(
 @given(seed=st.text(), attempt=st.integers(0, 1000))
 def test_event_ids_always_follow_googles_rules(seed: str, attempt: int) -> None:
     assert re.fullmatch(r"[0-9a-v]{5,1024}", google_event_id(seed, attempt))
+
+
+async def test_untrusted_certificate_is_reported(google: GoogleServer, key: str) -> None:
+    settings = make_settings(google, ca_bundle=None)
+    config = SyncConfig(id="tls", tenant="acme", provider="google",
+                        secrets={"service_account": key})
+    provider = GoogleProvider.from_config(config, ProviderContext(settings,
+                                                                  make_ssl_context(settings)))
+    try:
+        error = await failure(provider.create(desired(new_user(google)), transaction_id="t"))
+    finally:
+        await provider.close()
+    assert (error.code, error.retriable) == (TLS_UNTRUSTED_CERTIFICATE, False)

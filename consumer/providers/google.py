@@ -690,16 +690,16 @@ def parse_batch(raw: bytes, content_type: str) -> dict[int, tuple[int, dict[str,
     for position, chunk in enumerate(raw.split(delimiter)[1:]):
         if chunk.startswith(b"--"):
             break
-        outer, _, inner = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        outer, inner = _split_head(chunk.lstrip(b"\r\n"))
         index = position
-        for line in outer.decode("latin-1").split("\r\n"):
+        for line in outer.decode("latin-1").splitlines():
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-id":
                 digits = value.strip().strip("<>").rpartition("-")[2]
                 if digits.isdigit():
                     index = int(digits)
-        head, _, body = inner.partition(b"\r\n\r\n")
-        head_lines = head.decode("latin-1").split("\r\n")
+        head, body = _split_head(inner)
+        head_lines = head.decode("latin-1").splitlines() or [""]
         status_words = head_lines[0].split()
         if len(status_words) < 2 or not status_words[1].isdigit():
             continue
@@ -707,7 +707,15 @@ def parse_batch(raw: bytes, content_type: str) -> dict[int, tuple[int, dict[str,
         for line in head_lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        if body.endswith(b"\r\n"):
-            body = body[:-2]
+        body = body.removesuffix(b"\n").removesuffix(b"\r")
         parts[index] = (int(status_words[1]), headers, body)
     return parts
+
+
+def _split_head(data: bytes) -> tuple[bytes, bytes]:
+    """Headers and body of a MIME part or HTTP message (CRLF or bare LF lines)."""
+    found = [(i, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (i := data.find(sep)) >= 0]
+    if not found:
+        return data, b""
+    index, size = min(found)
+    return data[:index], data[index + size:]
