@@ -678,3 +678,19 @@ async def test_untrusted_certificate_is_reported(google: GoogleServer, key: str)
     finally:
         await provider.close()
     assert (error.code, error.retriable) == (TLS_UNTRUSTED_CERTIFICATE, False)
+
+
+async def test_find_never_takes_another_mark_for_its_own(
+    google: GoogleServer, gcal: GoogleProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = new_user(google)
+    mine = await gcal.create(desired(user, "abs-1"), transaction_id="t")
+    await gcal.create(desired(user, "abs-2"), transaction_id="t")
+    original = google._list
+
+    def unfiltered(box: dict[str, dict[str, Any]], params: dict[str, list[str]]) -> Any:
+        return original(box, {k: v for k, v in params.items()
+                              if k != "privateExtendedProperty"})
+
+    monkeypatch.setattr(google, "_list", unfiltered)
+    assert await gcal.find(user, Mark("cfg-1", "abs-1")) == [mine]

@@ -440,7 +440,9 @@ class GoogleProvider(Provider):
         raise translate_error(reply, mailbox=mailbox, where="event")
 
     async def find(self, mailbox: str, mark: Mark) -> list[str]:
-        """Live events carrying any form of `mark`, in order, without repeats."""
+        """Live events carrying any form of `mark`, in order, without repeats. What the
+        server returns is checked again: an event that shows another mark is never
+        taken for ours (even from a server that ignored the filter)."""
         found: dict[str, None] = {}
         for value in mark.values:
             page: str | None = None
@@ -458,7 +460,7 @@ class GoogleProvider(Provider):
                 for item in body.get("items") or []:
                     if isinstance(item, dict) and item.get("id") and (
                         item.get("status") != "cancelled"
-                    ):
+                    ) and _mark_of(item) in (value, None):
                         found[str(item["id"])] = None
                 token = body.get("nextPageToken")
                 if not token or token == page:
