@@ -430,6 +430,23 @@ def _exchange_rules(block: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+GOOGLE_AUTODECLINE = ("none", "all", "new")
+
+
+def _google_rules(block: dict[str, Any]) -> list[tuple[str, str]]:
+    """`autodecline` one of none/all/new (normalised to lower case); a non-empty
+    `calendar_id`."""
+    if "calendar_id" in block and not block["calendar_id"].strip():
+        return [("calendar_id", "must be a non-empty string (default primary)")]
+    if "autodecline" in block:
+        value = block["autodecline"].strip().lower()
+        if value not in GOOGLE_AUTODECLINE:
+            return [("autodecline", f"must be one of {', '.join(GOOGLE_AUTODECLINE)}, "
+                                    f"got {block['autodecline']!r}")]
+        block["autodecline"] = value
+    return []
+
+
 #: provider -> the keys of its block. Providers add or extend their entry here.
 PROVIDER_BLOCKS: dict[str, BlockSpec] = {
     "microsoft365": BlockSpec(
@@ -455,6 +472,7 @@ PROVIDER_BLOCKS: dict[str, BlockSpec] = {
         plain={"calendar_id": str, "autodecline": str},
         secrets=frozenset({"service_account"}),
         required=("service_account",),
+        check=_google_rules,
     ),
     # no remote calendar: the worker serves the events as iCalendar feeds
     "ics": BlockSpec(
@@ -590,9 +608,24 @@ def check_block(provider: str, plain: Mapping[str, Any], secret_names: Iterable[
             raise ValueError(f"unknown {provider} secret {name!r}")
 
 
+def _google_warnings(config: SyncConfig) -> list[str]:
+    calendar = str(config.provider_settings.get("calendar_id") or "primary")
+    out_of_office = config.busy_as == "oof" or any(
+        rule.show_as == "oof" for rule in (config.types or {}).values()
+    )
+    if calendar == "primary" or not out_of_office:
+        return []
+    return [
+        f"google.calendar_id is {calendar!r}: Google has out-of-office events only in "
+        "primary calendars, so show-as oof is written as an ordinary busy event there."
+    ]
+
+
 def config_warnings(config: SyncConfig) -> list[str]:
     """What is doubtful about a valid configuration (shown by `config apply` and
     `config show`; the provider reports the same)."""
+    if config.provider == "google":
+        return _google_warnings(config)
     if config.provider != "exchange":
         return []
     url = urlsplit(str(config.provider_settings.get("url", "")))

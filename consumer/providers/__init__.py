@@ -31,7 +31,8 @@ def build_provider(config: SyncConfig, context: ProviderContext) -> Provider:
             PROVIDER_ERROR,
             f"the {config.provider} provider is not available in this version",
             retriable=False,
-            hint="Use a provider this version supports: microsoft365, exchange or caldav.",
+            hint="Use a provider this version supports: microsoft365, exchange, google, "
+            "caldav or ics.",
         ) from exc
     cls: type[Provider] = getattr(module, class_name)
     return cls.from_config(config, context)
