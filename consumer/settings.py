@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     ms_consent_redirect_url: str | None = None
     google_token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL
     google_api_url: str = "https://www.googleapis.com/calendar/v3"
+    #: Gmail API base, for automatic replies (users.settings.updateVacation)
+    google_gmail_url: str = "https://gmail.googleapis.com/gmail/v1"
     public_url: str | None = None
 
     embedded: bool = Field(
@@ -108,7 +110,8 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
 
-    @field_validator("ms_authority_host", "ms_graph_url", "google_token_url", "google_api_url")
+    @field_validator("ms_authority_host", "ms_graph_url", "google_token_url", "google_api_url",
+                     "google_gmail_url")
     @classmethod
     def _https(cls, value: str, info: ValidationInfo) -> str:
         """Tokens and calendars travel over verified TLS; plain http only to this

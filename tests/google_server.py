@@ -30,6 +30,13 @@ the provider depends on it:
   Authorization (else the outer one), at most 50, answered multipart/mixed
   with `Content-ID: <response-item-N>`.
 
+* Gmail settings (`https://127.0.0.1:PORT/gmail/v1`): GET and PUT
+  `users/{user}/settings/vacation` (a full replace, like
+  users.settings.updateVacation), the token's scope checked
+  (gmail.settings.basic, 403 `insufficientPermissions` otherwise) and the
+  user the token acts as (403 `forbidden` for another); VacationSettings
+  validated (unknown fields, times as epoch milliseconds, end after start).
+  `set_user_vacation` is the employee editing their responder in Gmail.
 Errors use Google's body shape: `{"error": {"errors": [{"domain", "reason",
 "message"}], "code", "message"}}`. Everything is recorded for assertions.
 """
@@ -60,6 +67,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 Answer = tuple[int, Any]
 
 CALENDAR_SCOPE = "https://www.googleapis.com/auth/calendar.events"
+GMAIL_SCOPE = "https://www.googleapis.com/auth/gmail.settings.basic"
+VACATION_FIELDS = frozenset({
+    "enableAutoReply", "responseSubject", "responseBodyPlainText", "responseBodyHtml",
+    "restrictToContacts", "restrictToDomain", "startTime", "endTime",
+})
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 EVENT_FIELDS = frozenset({
     "id", "summary", "description", "start", "end", "transparency", "status", "visibility",
@@ -147,6 +159,8 @@ class GoogleServer:
     arrivals: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     rate_limited: list[Recorded] = field(default_factory=list)
     page_size: int = 250
+    #: user -> VacationSettings as Gmail holds them
+    vacations: dict[str, dict[str, Any]] = field(default_factory=dict)
     port: int = 0
     ca_path: Path | None = None
     _runner: web.AppRunner | None = None
@@ -179,6 +193,18 @@ class GoogleServer:
     @property
     def api_url(self) -> str:
         return f"https://127.0.0.1:{self.port}/calendar/v3"
+
+    @property
+    def gmail_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/gmail/v1"
+
+    def vacation(self, user: str) -> dict[str, Any]:
+        return dict(self.vacations.get(user.lower(), {"enableAutoReply": False}))
+
+    def set_user_vacation(self, user: str, settings: dict[str, Any]) -> None:
+        """The employee edits their vacation responder in Gmail."""
+        status, body = self._put_vacation(user.lower(), settings)
+        assert status == 200, body
 
     # ------------------------------------------------------------- scripting
 
@@ -228,6 +254,12 @@ class GoogleServer:
                 raw = await request.read()
                 status, body = self._api(request.method, request.raw_path,
                                          request.headers.get("Authorization", ""), raw, record)
+                response = _respond(status, body)
+            elif path.startswith("/gmail/v1/"):
+                self.requests.append(record)
+                raw = await request.read()
+                status, body = self._gmail(request.method, path,
+                                           request.headers.get("Authorization", ""), raw, record)
                 response = _respond(status, body)
             elif path == "/batch/calendar/v3" and request.method == "POST":
                 response = await self._batch(request)
@@ -431,6 +463,61 @@ class GoogleServer:
             box[event_id] = _stored(merged)
             return 200, box[event_id]
         return google_error(405, "methodNotAllowed", "Method Not Allowed")
+
+    # ------------------------------------------------------------- Gmail settings
+
+    def _gmail(self, method: str, path: str, authorization: str, raw: bytes,
+               record: Recorded) -> Answer:
+        token = authorization[7:] if authorization.startswith("Bearer ") else ""
+        granted = self.tokens.get(token)
+        if granted is None or granted[2] < time.monotonic():
+            return google_error(401, "authError", "Invalid Credentials")
+        user, scopes, _ = granted
+        record.user = user
+        if GMAIL_SCOPE not in scopes.split():
+            return google_error(403, "insufficientPermissions",
+                                "Request had insufficient authentication scopes.")
+        parts = [unquote(p) for p in path.split("/")[3:]]  # users/{id}/settings/vacation
+        if len(parts) != 4 or parts[0] != "users" or parts[2:] != ["settings", "vacation"]:
+            return google_error(404, "notFound", "Not Found")
+        if parts[1].lower() not in ("me", user):
+            return google_error(403, "forbidden", "Delegation denied for " + user)
+        scripted = self.scripts.get(user) or self.scripts.get("*")
+        if scripted:
+            return scripted.pop(0)
+        if method == "GET":
+            return 200, self.vacation(user)
+        if method == "PUT":
+            try:
+                payload = json.loads(raw) if raw else None
+            except ValueError:
+                return google_error(400, "parseError", "Parse Error")
+            return self._put_vacation(user, payload)
+        return google_error(405, "methodNotAllowed", "Method Not Allowed")
+
+    def _put_vacation(self, user: str, payload: Any) -> Answer:
+        if not isinstance(payload, dict):
+            return google_error(400, "invalidArgument", "VacationSettings required")
+        for key in payload:
+            if key not in VACATION_FIELDS:
+                return google_error(400, "invalidArgument",
+                                    f'Invalid JSON payload received. Unknown name "{key}"')
+        times = {}
+        for key in ("startTime", "endTime"):
+            if key in payload:
+                try:
+                    times[key] = int(payload[key])
+                except (TypeError, ValueError):
+                    return google_error(400, "invalidArgument", f"Invalid value at '{key}'")
+        if len(times) == 2 and times["endTime"] <= times["startTime"]:
+            return google_error(400, "invalidArgument", "Start time must be before end time")
+        stored = {k: v for k, v in payload.items() if k not in times}
+        stored.update({k: str(v) for k, v in times.items()})
+        stored["enableAutoReply"] = bool(payload.get("enableAutoReply", False))
+        for key in ("restrictToContacts", "restrictToDomain"):
+            stored[key] = bool(payload.get(key, False))
+        self.vacations[user] = stored
+        return 200, dict(stored)
 
     def _insert(self, user: str, calendar: str, box: dict[str, dict[str, Any]],
                 payload: Any) -> Answer:

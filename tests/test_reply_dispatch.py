@@ -29,9 +29,11 @@ from consumer.secrets import SecretBox
 from consumer.store import replies as reply_store
 from tests.conftest import event
 from tests.ews_server import EwsServer
+from tests.google_server import GoogleServer
 from tests.graph_server import GraphServer
 from tests.test_provider_exchange import ews  # noqa: F401 - fixture
 from tests.test_provider_exchange import make_provider as make_exchange
+from tests.test_provider_google import google  # noqa: F401 - fixture
 from tests.test_provider_microsoft365 import TENANT, graph, make_provider  # noqa: F401
 
 UTC = dt.UTC
@@ -347,3 +349,36 @@ async def test_the_consent_link_names_the_mailbox_settings_permission(
     assert "Calendars.ReadWrite and MailboxSettings.ReadWrite" in with_replies.stderr
     plain = consent_url(dsn, "acme-plain")
     assert plain.returncode == 0 and "MailboxSettings" not in plain.stderr
+
+
+async def test_gmail_through_the_executor(pool: asyncpg.Pool, google: GoogleServer) -> None:  # noqa: F811
+    from tests.google_server import CALENDAR_SCOPE, GMAIL_SCOPE
+    from tests.test_reply_providers import make_gmail
+
+    key = google.add_account("gmail-dispatch@acme-project.iam.gserviceaccount.com",
+                             scopes=(CALENDAR_SCOPE, GMAIL_SCOPE))
+    config = SyncConfig(id="acme-google", tenant="acme", provider="google",
+                        secrets={"service_account": key},
+                        auto_reply={**REPLY, "audience": "none", "subject": "Away: {display_name}"})
+    box = SecretBox(Fernet.generate_key().decode())
+    await store.apply_configs(pool, [config], box)
+    provider = make_gmail(google, key)
+    world = World(pool, provider, box)
+    address = google.add_user(f"gm{next(_boxes)}@acme.test").lower()
+    try:
+        await record(pool, event("h1", 1, email=address, display_name="Jane Doe",
+                                 start=("2027-10-04", "am"), end=("2027-10-05", "pm")))
+        await world.sync()
+        held = google.vacation(address)
+        assert held["enableAutoReply"] is True and held["restrictToDomain"] is True
+        assert held["responseBodyPlainText"] == "Jane is away until 2027-10-06."
+        assert held["responseSubject"] == "Away: Jane Doe"
+        assert held["startTime"] == str(int(dt.datetime(2027, 10, 3, 22, tzinfo=UTC)
+                                            .timestamp() * 1000))
+        assert (await world.reply_item("h1"))["status"] == "synced"
+        await record(pool, event("h1", 2, email=address, status="cancelled",
+                                 start=("2027-10-04", "am"), end=("2027-10-05", "pm")))
+        await world.sync()
+        assert google.vacation(address)["enableAutoReply"] is False
+    finally:
+        await provider.close()

@@ -26,12 +26,15 @@ from consumer.providers.base import (
     ProviderError,
 )
 from consumer.providers.exchange import ExchangeProvider
+from consumer.providers.google import GoogleProvider
 from consumer.providers.microsoft365 import Microsoft365Provider
 from consumer.replies import ReplySetting
 from tests.ews_server import EwsServer
+from tests.google_server import CALENDAR_SCOPE, GMAIL_SCOPE, GoogleServer
 from tests.graph_server import GraphServer
 from tests.test_provider_exchange import ews  # noqa: F401 - fixture
 from tests.test_provider_exchange import make_provider as make_exchange
+from tests.test_provider_google import google  # noqa: F401 - fixture
 from tests.test_provider_microsoft365 import graph, make_provider  # noqa: F401 - fixture
 
 UTC = dt.UTC
@@ -75,13 +78,14 @@ class ReplyContract:
 
     async def test_a_scheduled_write_reads_back_the_same_reply(self) -> None:
         box = self.mailbox()
-        stored = await self.provider.write_reply(box, OURS)
+        ours = self.provider.reply_form(OURS)
+        stored = await self.provider.write_reply(box, ours)
         assert stored.status == "scheduled"
         assert (stored.start, stored.end) == (START, END)
         assert stored.audience == "known"
-        assert _text(stored.internal) == _text(OURS.internal)
-        assert _text(stored.external) == _text(OURS.external)
-        assert stored.fingerprint() == OURS.fingerprint()
+        assert _text(stored.internal) == _text(ours.internal)
+        assert _text(stored.external) == _text(ours.external)
+        assert stored.fingerprint() == ours.fingerprint()
         again = await self.provider.read_reply(box)
         assert again.digest() == stored.digest()
 
@@ -98,7 +102,7 @@ class ReplyContract:
         await self.provider.write_reply(box, OURS)
         off = await self.provider.write_reply(box, ReplySetting("disabled"))
         assert off.status == "disabled"
-        assert _text(off.internal) == _text(OURS.internal)
+        assert _text(off.external) == _text(OURS.external)
 
     async def test_a_missing_mailbox(self) -> None:
         with pytest.raises(ProviderError) as info:
@@ -204,3 +208,95 @@ class TestExchangeReplies(ReplyContract):
 
     def test_it_says_it_supports_replies(self) -> None:
         assert ExchangeProvider.supports_replies and ExchangeProvider.reply_html
+
+
+def make_gmail(google: GoogleServer, key: str) -> GoogleProvider:  # noqa: F811
+    from consumer.config import SyncConfig
+    from consumer.providers.base import ProviderContext, make_ssl_context
+    from consumer.settings import Settings
+
+    settings = Settings(google_token_url=google.token_url, google_api_url=google.api_url,
+                        google_gmail_url=google.gmail_url, ca_bundle=google.ca_path,
+                        request_timeout_seconds=5.0)
+    config = SyncConfig(id="acme-google", tenant="acme", provider="google",
+                        secrets={"service_account": key})
+    provider = GoogleProvider.from_config(config, ProviderContext(settings,
+                                                                  make_ssl_context(settings)))
+    assert isinstance(provider, GoogleProvider)
+    return provider
+
+
+GMAIL_OURS = ReplySetting("scheduled", START, END, "", "I am out of the office.", "known",
+                          "Out of office")
+
+
+class TestGmailReplies(ReplyContract):
+    @pytest.fixture(autouse=True)
+    async def _provider(self, google: GoogleServer) -> AsyncIterator[None]:  # noqa: F811
+        self.server = google
+        key = google.add_account(f"replies{next(_boxes)}@acme-project.iam.gserviceaccount.com",
+                                 scopes=(CALENDAR_SCOPE, GMAIL_SCOPE))
+        provider = make_gmail(google, key)
+        self.provider = provider
+        yield
+        await provider.close()
+
+    def mailbox(self) -> str:
+        return self.server.add_user(f"vac{next(_boxes)}@acme.test")
+
+    def missing_mailbox(self) -> str:
+        return "nobody-here@acme.test"
+
+    def user_edits(self, mailbox: str) -> None:
+        self.server.set_user_vacation(mailbox, {
+            "enableAutoReply": True, "responseSubject": "Away",
+            "responseBodyPlainText": "Gone fishing"})
+
+    def script_throttle(self, mailbox: str) -> None:
+        self.server.script(mailbox, 429, "rateLimitExceeded")
+
+    async def test_a_missing_mailbox(self) -> None:
+        # Google refuses a token for a user outside the domain
+        with pytest.raises(ProviderError) as info:
+            await self.provider.read_reply(self.missing_mailbox())
+        assert info.value.code in (MAILBOX_NOT_FOUND, ACCESS_DENIED)
+
+    async def test_throttling_carries_retry_after(self) -> None:
+        box = self.mailbox()
+        self.script_throttle(box)
+        with pytest.raises(ProviderError) as info:
+            await self.provider.write_reply(box, GMAIL_OURS)
+        assert info.value.code == THROTTLED and info.value.retriable
+
+    @pytest.mark.parametrize(("audience", "domain", "contacts", "message"), [
+        ("none", True, False, "inside"), ("known", False, True, "outside"),
+        ("all", False, False, "outside"),
+    ])
+    async def test_one_message_per_audience(self, audience: str, domain: bool, contacts: bool,
+                                            message: str) -> None:
+        box = self.mailbox()
+        wish = self.provider.reply_form(ReplySetting(
+            "scheduled", START, END, "inside", "outside", audience,  # type: ignore[arg-type]
+            "Out of office"))
+        stored = await self.provider.write_reply(box, wish)
+        held = self.server.vacation(box)
+        assert held["enableAutoReply"] is True
+        assert (held["restrictToDomain"], held["restrictToContacts"]) == (domain, contacts)
+        assert held["responseBodyPlainText"] == message
+        assert held["responseSubject"] == "Out of office"
+        assert (held["startTime"], held["endTime"]) == (
+            str(int(START.timestamp() * 1000)), str(int(END.timestamp() * 1000)))
+        assert stored.digest() == wish.digest()
+
+    async def test_without_the_gmail_scope_in_the_delegation(self) -> None:
+        key = self.server.add_account(
+            f"nogmail{next(_boxes)}@acme-project.iam.gserviceaccount.com",
+            scopes=(CALENDAR_SCOPE,))
+        provider = make_gmail(self.server, key)
+        try:
+            with pytest.raises(ProviderError) as info:
+                await provider.write_reply(self.mailbox(), GMAIL_OURS)
+        finally:
+            await provider.close()
+        assert info.value.code == ACCESS_DENIED
+        assert "gmail.settings.basic" in info.value.hint

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -109,7 +109,7 @@ class ReplyRunner:
                 PROVIDER_ERROR, f"the {provider.kind} provider cannot set automatic replies",
                 retriable=False,
                 hint="Remove auto_reply from this configuration, or use a provider that "
-                "sets mailbox replies (microsoft365, exchange).",
+                "sets mailbox replies (microsoft365, exchange, google).",
             )
         now = self.clock()
         employee = item.absence.employee
@@ -163,6 +163,8 @@ class ReplyRunner:
             absences, config, mailbox, now,
             html_values=provider.reply_html, with_subject=provider.reply_subject,
         )
+        if desired is not None:
+            desired = replace(desired, setting=provider.reply_form(desired.setting))
         record = await persist(lambda: reply_store.reply_record(pool, config.id, mailbox))
         if desired is None and (record is None or (
             record.applied_hash is None and record.intent is None

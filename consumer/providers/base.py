@@ -439,6 +439,11 @@ class Provider(ABC):
     #: its reply keeps a subject (Gmail)
     reply_subject: ClassVar[bool] = False
 
+    def reply_form(self, setting: ReplySetting) -> ReplySetting:
+        """`setting` as this provider stores it (Gmail keeps one message), so what we
+        want compares with what we read."""
+        return setting
+
     async def read_reply(self, mailbox: str) -> ReplySetting:
         """The automatic reply `mailbox` holds now."""
         raise ProviderError(PROVIDER_ERROR, f"{self.kind} cannot set automatic replies",

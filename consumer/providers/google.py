@@ -43,7 +43,7 @@ import hashlib
 import json
 import secrets
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import quote, urlsplit
 
@@ -68,10 +68,12 @@ from consumer.providers.base import (
 )
 from consumer.providers.google_auth import (
     CALENDAR_SCOPE,
+    GMAIL_SCOPE,
     GoogleTokens,
     ServiceAccountKey,
     delegation_hint,
 )
+from consumer.replies import ReplySetting
 
 if TYPE_CHECKING:
     from consumer.config import SyncConfig
@@ -356,6 +358,7 @@ class GoogleProvider(Provider):
         self.calendar_id = calendar_id or "primary"
         self.autodecline = autodecline if autodecline in AUTODECLINE else "none"
         self.api_url = settings.google_api_url.rstrip("/")
+        self.gmail_url = settings.google_gmail_url.rstrip("/")
         parts = urlsplit(self.api_url)
         self._api_path = parts.path.rstrip("/")
         self.batch_url = f"{parts.scheme}://{parts.netloc}/batch/calendar/v3"
@@ -467,6 +470,78 @@ class GoogleProvider(Provider):
                     break
                 page = str(token)
         return list(found)
+
+    # ------------------------------------------------------------------ replies
+
+    supports_replies: ClassVar[bool] = True
+    reply_html: ClassVar[bool] = False
+    reply_subject: ClassVar[bool] = True
+
+    def reply_form(self, setting: ReplySetting) -> ReplySetting:
+        """Gmail keeps one message: the internal one for audience `none` (replies
+        restricted to the domain), the external one otherwise."""
+        if setting.status == "disabled":
+            return setting
+        if setting.audience == "none":
+            return replace(setting, external="")
+        return replace(setting, internal="")
+
+    async def read_reply(self, mailbox: str) -> ReplySetting:
+        reply = await self._gmail(mailbox, "GET", None)
+        return vacation_reply(reply.body)
+
+    async def write_reply(self, mailbox: str, setting: ReplySetting) -> ReplySetting:
+        """users.settings.updateVacation (a full replace: switching off sends the
+        held settings with `enableAutoReply` false), then what Gmail holds."""
+        if setting.status == "disabled":
+            held = await self._gmail(mailbox, "GET", None)
+            body = dict(held.body) if isinstance(held.body, dict) else {}
+            body["enableAutoReply"] = False
+        else:
+            body = vacation_payload(setting)
+        await self._gmail(mailbox, "PUT", body)
+        return await self.read_reply(mailbox)
+
+    async def _gmail(self, mailbox: str, method: str,
+                     body: dict[str, Any] | None) -> GoogleReply:
+        """One Gmail settings request as `mailbox` (token for gmail.settings.basic,
+        which the domain-wide delegation must include), within its rate limit."""
+        if self._problem is not None:
+            raise _copy(self._problem)
+        if self._closed:
+            raise ProviderError(PROVIDER_ERROR, "the provider was closed", retriable=True)
+        key = f"{self.key.client_email}|{mailbox.casefold()}"
+        url = URL(f"{self.gmail_url}/users/{quote(mailbox, safe='@')}/settings/vacation",
+                  encoded=True)
+        reply: GoogleReply | None = None
+        for _ in range(2):
+            token = await self.tokens.get(mailbox, GMAIL_SCOPE)
+            wait = self._limits.reserve(key, self.timeout)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+            data = None
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+                data = json.dumps(body).encode()
+            try:
+                session = await self._session()
+                async with session.request(method, url, data=data, headers=headers) as response:
+                    raw = await response.read()
+                    reply = GoogleReply(response.status,
+                                        {k.lower(): v for k, v in response.headers.items()},
+                                        _parse(raw), token)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise translate_error(exc) from exc
+            if reply.status != 401:
+                break
+            self.tokens.invalidate(mailbox, token, GMAIL_SCOPE)
+        assert reply is not None
+        if reply.status == 429 or reply.reason in _THROTTLE_REASONS:
+            self._limits.drain(key)
+        if not reply.ok:
+            raise translate_error(reply, mailbox=mailbox, where="calendar")
+        return reply
 
     async def close(self) -> None:
         self._closed = True
@@ -658,6 +733,53 @@ class GoogleProvider(Provider):
             else:
                 results.append(GoogleReply(part[0], part[1], _parse(part[2]), item.token))
         return results
+
+
+def vacation_payload(setting: ReplySetting) -> dict[str, Any]:
+    """Gmail's VacationSettings for `setting` (after `reply_form`): one plain-text
+    message, the audience as restrictToDomain / restrictToContacts, the schedule
+    as epoch milliseconds."""
+    body: dict[str, Any] = {
+        "enableAutoReply": setting.status != "disabled",
+        "responseSubject": setting.subject,
+        "responseBodyPlainText": setting.internal if setting.audience == "none"
+        else setting.external,
+        "restrictToDomain": setting.audience == "none",
+        "restrictToContacts": setting.audience == "known",
+    }
+    if setting.status == "scheduled":
+        assert setting.start is not None and setting.end is not None
+        body["startTime"] = str(int(setting.start.timestamp() * 1000))
+        body["endTime"] = str(int(setting.end.timestamp() * 1000))
+    return body
+
+
+def vacation_reply(body: Any) -> ReplySetting:
+    """Our reading of Gmail's VacationSettings."""
+    data = body if isinstance(body, dict) else {}
+
+    def when(key: str) -> dt.datetime | None:
+        try:
+            return dt.datetime.fromtimestamp(int(data[key]) / 1000, dt.UTC)
+        except (KeyError, TypeError, ValueError, OverflowError, OSError):
+            return None
+
+    start, end = when("startTime"), when("endTime")
+    if not data.get("enableAutoReply"):
+        status = "disabled"
+    else:
+        status = "scheduled" if start is not None or end is not None else "always"
+    message = str(data.get("responseBodyHtml") or data.get("responseBodyPlainText") or "")
+    audience = "none" if data.get("restrictToDomain") else (
+        "known" if data.get("restrictToContacts") else "all")
+    return ReplySetting(
+        status,  # type: ignore[arg-type]
+        start, end,
+        message if audience == "none" else "",
+        "" if audience == "none" else message,
+        audience,  # type: ignore[arg-type]
+        str(data.get("responseSubject") or ""),
+    )
 
 
 def _parse(raw: bytes) -> Any:

@@ -47,6 +47,8 @@ from consumer.providers.base import (
 )
 
 CALENDAR_SCOPE = "https://www.googleapis.com/auth/calendar.events"
+#: Gmail settings (automatic replies: users.settings.updateVacation)
+GMAIL_SCOPE = "https://www.googleapis.com/auth/gmail.settings.basic"
 GMAIL_SETTINGS_SCOPE = "https://www.googleapis.com/auth/gmail.settings.basic"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME = 3600
