@@ -120,6 +120,11 @@ class GraphServer:
     #: mailbox -> its automaticRepliesSetting as Graph stores it
     replies: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings_denied: set[str] = field(default_factory=set)
+    #: mailboxes whose settings reads wait, once a PATCH of them arrived, until
+    #: `release_readback` (a crash between a write and its record)
+    hold_readback: set[str] = field(default_factory=set)
+    _patched: set[str] = field(default_factory=set)
+    _released: asyncio.Event | None = None
     requests: list[Recorded] = field(default_factory=list)
     unexpected: list[Recorded] = field(default_factory=list)
     token_requests: list[dict[str, str]] = field(default_factory=list)
@@ -422,7 +427,15 @@ class GraphServer:
             scripted = self.scripts.get(parts[1].lower()) or self.scripts.get("*")
             if scripted:
                 return scripted.pop(0)
-            return self._mailbox_settings(method, parts[1].lower(), parts[3:], payload)
+            box = parts[1].lower()
+            if method == "GET" and box in self.hold_readback and box in self._patched:
+                if self._released is None:
+                    self._released = asyncio.Event()
+                await self._released.wait()
+            answer = self._mailbox_settings(method, box, parts[3:], payload)
+            if method == "PATCH" and answer[0] == 200:
+                self._patched.add(box)
+            return answer
         if len(parts) < 3 or parts[0] != "users" or parts[2] != "events" or len(parts) > 4:
             return graph_error(400, "BadRequest", f"Resource not found for the segment '{path}'.")
         mailbox = parts[1].lower()
@@ -497,6 +510,11 @@ class GraphServer:
         return graph_error(405, "ErrorInvalidRequest", "Method not allowed.")
 
     # ------------------------------------------------------------- mailbox settings
+
+    def release_readback(self) -> None:
+        self.hold_readback.clear()
+        if self._released is not None:
+            self._released.set()
 
     def reply_of(self, mailbox: str) -> dict[str, Any]:
         """The automaticRepliesSetting `mailbox` holds (Graph's form)."""

@@ -136,3 +136,39 @@ async def _state(e2e: E2E, absence_id: str, state: str) -> bool:  # noqa: F811
         r["absence_id"] == absence_id and r["target"] == "reply" and r["status"] == state
         for r in await rows(e2e)
     )
+
+
+async def test_a_worker_killed_between_the_write_and_its_record(e2e: E2E) -> None:  # noqa: F811
+    """SIGKILL after Graph took the reply, before the worker read it back and
+    recorded it: the next worker recognises the reply as its own (it does not
+    report the employee's reply), and a cancellation still switches it off."""
+    await e2e.apply(SYNCS)
+    graph = e2e.graph  # noqa: F811
+    ann = e2e.mailbox("ann")
+    graph.hold_readback.add(ann.lower())
+    await e2e.publish([absence("k-ann", 1, ann, start=("2027-05-03", "am"),
+                               end=("2027-05-04", "pm"))])
+    env = {"ABSENCE_SYNC_REQUEST_TIMEOUT_SECONDS": "2", "ABSENCE_SYNC_LEASE_SECONDS": "5"}
+    first = e2e.start(**env)
+
+    async def written() -> bool:
+        return any(r.method == "PATCH" and "mailboxSettings" in r.path
+                   for r in graph.graph_requests(ann))
+
+    try:
+        await wait_until(written, timeout=30)
+    except AssertionError:
+        raise AssertionError(first.output()) from None
+    await first.kill()
+    graph.release_readback()
+    assert graph.reply_of(ann)["status"] == "scheduled"
+
+    second = e2e.start(**env)
+    await settled(e2e, 2)
+    states = {r["target"]: r["status"] for r in await rows(e2e)}
+    assert states == {"calendar": "synced", "reply": "synced"}
+    await e2e.publish([absence("k-ann", 2, ann, status="cancelled",
+                               start=("2027-05-03", "am"), end=("2027-05-04", "pm"))])
+    await wait_until(lambda: _disabled(graph, ann), timeout=20)
+    await settled(e2e, 2)
+    await second.terminate(e2e.shutdown_budget)
