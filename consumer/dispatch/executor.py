@@ -488,13 +488,24 @@ class Executor:
 
     async def _adopt(self, step: _Step) -> None:
         """A create may have landed before a crash: find it by its mark (the item's
-        target's), keep one, then plan against what was found."""
+        target's), keep one, then plan against what was found.
+
+        A mailbox that does not exist holds nothing: the plan then goes on from
+        there (the absence may want another mailbox by now; if it still wants
+        that one, its create fails for itself)."""
         item = step.item
         mailbox = item.mailbox
         assert mailbox is not None
         step.operation = "adopt"
         mark = target_spec(item.target).mark(item.config_id, item.absence_id)
-        found = await self._call(step, mailbox, "find", lambda: step.provider.find(mailbox, mark))
+        try:
+            found = await self._call(
+                step, mailbox, "find", lambda: step.provider.find(mailbox, mark)
+            )
+        except ProviderError as exc:
+            if exc.code != MAILBOX_NOT_FOUND:
+                raise
+            found = []
         recorded = Recorded()
         ids = list(found)
         if ids:
