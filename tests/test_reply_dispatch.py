@@ -382,3 +382,34 @@ async def test_gmail_through_the_executor(pool: asyncpg.Pool, google: GoogleServ
         assert google.vacation(address)["enableAutoReply"] is False
     finally:
         await provider.close()
+
+
+async def test_adding_then_removing_the_option(pool: asyncpg.Pool, graph: GraphServer) -> None:  # noqa: F811
+    """A configuration that gains `auto_reply` gets a reply item per recorded
+    absence; one that loses it switches its replies off (only its own)."""
+    from consumer.targets import CALENDAR, targets_of
+    from consumer.targets import REPLY as REPLY_TARGET
+
+    plain = SyncConfig(id="acme-later", tenant="acme", provider="microsoft365",
+                       provider_settings={"tenant_id": TENANT})
+    assert targets_of(plain) == [CALENDAR]
+    assert targets_of(o365()) == [CALENDAR, REPLY_TARGET]
+    await store.apply_configs(pool, [plain], SecretBox(None))
+    provider = make_provider(graph, config_id="acme-later")
+    world = World(pool, provider)
+    box = mailbox(graph)
+    try:
+        await record(pool, event("i1", 1, email=box, start=("2027-11-01", "am"),
+                                 end=("2027-11-02", "pm")))
+        await world.sync()
+        assert graph.reply_of(box)["status"] == "disabled"
+        with_replies = SyncConfig(**{**plain.model_dump(), "auto_reply": REPLY})
+        await store.apply_configs(pool, [with_replies], SecretBox(None))
+        await world.sync()
+        assert graph.reply_of(box)["status"] == "scheduled"
+        await store.apply_configs(pool, [plain], SecretBox(None))
+        await world.sync()
+        assert graph.reply_of(box)["status"] == "disabled"
+        assert (await world.reply_item("i1"))["status"] == "deleted"
+    finally:
+        await provider.close()

@@ -11,7 +11,7 @@ import pytest
 
 from consumer.config import ConfigError, SyncConfig, load_file, parse_sync
 from consumer.store import _render_hash
-from consumer.targets import CALENDAR, KNOWN, TEAM, targets_of, transaction_id
+from consumer.targets import CALENDAR, KNOWN, REPLY, TEAM, targets_of, transaction_id
 
 BASE: dict[str, Any] = {
     "id": "acme-dav", "tenant": "acme", "provider": "caldav",
@@ -130,7 +130,7 @@ def test_configurations_without_a_team_calendar_store_and_render_as_before() -> 
 
 
 def test_targets_are_a_closed_set_with_their_own_transaction_ids() -> None:
-    assert KNOWN == (CALENDAR, TEAM)
+    assert KNOWN == (CALENDAR, TEAM, REPLY)
     # the employee calendar keeps the transaction ids it had before targets existed
     assert transaction_id("acme", "abs-1", 3) == "acme/abs-1/3"
     assert transaction_id("acme", "abs-1", 3, CALENDAR) == "acme/abs-1/3"
