@@ -312,10 +312,14 @@ async def _sync_page(
     failed: ItemsPage = await admin.items(
         caller.tenant, config_id, state="failed", cursor=cursor, limit=50
     )
+    own_replies: ItemsPage | None = await admin.items(
+        caller.tenant, config_id, state="skipped_user_reply", cursor=None, limit=50
+    ) if view.config.auto_reply is not None else None
     form = _form_of(public_document(view.config), view.config.provider,
                     view.stored.secret_names)
     return _render(
         request, "sync.html", status=status, view=view, failed=failed,
+        own_replies=own_replies,
         can_manage=can_manage,
         can_configure=tokens.allows(caller.role, "configure"),
         resync=resync or _Resync(), default_since=dt.datetime.now(dt.UTC).date().isoformat(),
