@@ -175,6 +175,7 @@ async def test_the_employees_own_reply_is_left_alone(m365: World, graph: GraphSe
     page = await admin.items("acme", "acme-o365", state="skipped_user_reply", cursor=None,
                              limit=50)
     assert [(r.absence_id, r.target) for r in page.items] == [("b1", "reply")]
+    await _monitoring_shows_it(m365.pool, box)
     history = await m365.pool.fetch(
         "SELECT operation FROM sync_log WHERE absence_id = 'b1' AND target = 'reply'")
     assert "reply_skipped" in [h["operation"] for h in history]
@@ -413,3 +414,28 @@ async def test_adding_then_removing_the_option(pool: asyncpg.Pool, graph: GraphS
         assert (await world.reply_item("i1"))["status"] == "deleted"
     finally:
         await provider.close()
+
+
+async def _monitoring_shows_it(pool: asyncpg.Pool, box: str) -> None:
+    """The API lists the item by its state and the page names the mailbox."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from consumer.web import WebState, create_app
+    from tests.admin_world import new_token
+    from tests.test_page import sign_in
+
+    token = await new_token(pool, "acme", "read")
+    async with TestClient(TestServer(create_app(WebState(Metrics(), pool)))) as client:
+        headers = {"Authorization": f"Bearer {token}"}
+        listed = await client.get("/api/v1/syncs/acme-o365/items",
+                                  params={"state": "skipped_user_reply"}, headers=headers)
+        assert listed.status == 200, await listed.text()
+        body = await listed.json()
+        assert [(i["absence_id"], i["target"], i["state"]) for i in body["items"]] == [
+            ("b1", "reply", "skipped_user_reply")]
+        sync = await (await client.get("/api/v1/syncs/acme-o365", headers=headers)).json()
+        assert sync["counts"]["skipped_user_reply"] == 1
+        await sign_in(client, token)
+        page = await client.get("/ui/syncs/acme-o365")
+        text = await page.text()
+        assert page.status == 200 and "Own reply kept" in text and box in text
