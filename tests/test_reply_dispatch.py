@@ -134,12 +134,20 @@ async def test_approval_move_and_cancellation(m365: World, graph: GraphServer) -
     assert scheduled(graph, box) == ("scheduled", "2027-03-12T12:30", "2027-03-15T11:30")
     assert (await m365.reply_item("a1"))["status"] == "synced"
 
-    # unchanged redelivery state: one read, no write
-    writes = len([r for r in graph.graph_requests(box) if r.method == "PATCH"])
+    # re-queued without a change (a resync): no request at all; forced: read and rewrite
+    settings_calls = len([r for r in graph.graph_requests(box) if "mailboxSettings" in r.path])
     await m365.pool.execute("UPDATE sync_items SET change_seq = change_seq + 1"
                             " WHERE target = 'reply'")
     await m365.sync()
-    assert len([r for r in graph.graph_requests(box) if r.method == "PATCH"]) == writes
+    assert len([r for r in graph.graph_requests(box)
+                if "mailboxSettings" in r.path]) == settings_calls
+    await m365.pool.execute("UPDATE sync_items SET change_seq = change_seq + 1, force = true"
+                            " WHERE target = 'reply'")
+    await m365.sync()
+    methods = [r.method for r in graph.graph_requests(box)
+               if "mailboxSettings" in r.path][settings_calls:]
+    assert methods == ["GET", "PATCH", "GET"]
+    assert (await m365.reply_item("a1"))["status"] == "synced"
 
     await record(m365.pool, event("a1", 4, email=box, status="cancelled",
                                   start=("2027-03-12", "pm"), end=("2027-03-15", "am")))

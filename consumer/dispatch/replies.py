@@ -9,7 +9,10 @@ the earliest group of adjacent wanted absences not ended yet). For an item,
    changed: that mailbox loses this absence) and of its current address;
 2. for each, reads the reply the mailbox holds now (read before write) and
    plans (`plan_reply`): write ours, disable ours, keep, or leave the
-   employee's own reply alone;
+   employee's own reply alone. No call at all when nothing of ours can be
+   there and none is wanted, or when the item already recorded exactly the
+   reply wanted, written by us (a replay, a change that leaves the reply as
+   it is); a forced resync reads and rewrites;
 3. records the fingerprint of a write before the call (`begin_reply`) and
    the digest read back right after it (`end_reply`), so "ours" survives a
    crash between the two;
@@ -49,6 +52,7 @@ from consumer.replies import (
     KeepReply,
     NoReply,
     ReplyAction,
+    ReplyRecord,
     ReplySetting,
     UserReply,
     WriteReply,
@@ -170,6 +174,12 @@ class ReplyRunner:
             record.applied_hash is None and record.intent is None
         )):
             return None, NoReply()  # nothing of ours can be there: no call
+        if desired is not None and _settled(item, mailbox, desired, record):
+            # what this item recorded is what we want, and we wrote it: a replay or
+            # a change that does not touch the reply makes no call
+            recheck = desired.next_group_at
+            await persist(lambda: reply_store.set_recheck(pool, config.id, mailbox, recheck))
+            return desired, KeepReply()
         held: ReplySetting = await call(mailbox, "read_reply",
                                         lambda: provider.read_reply(mailbox))
         action = plan_reply(held, desired, record, now, force=item.force)
@@ -194,6 +204,18 @@ class ReplyRunner:
             recheck = desired.next_group_at
             await persist(lambda: reply_store.set_recheck(pool, config.id, mailbox, recheck))
         return desired, action
+
+
+def _settled(item: store.Claimed, mailbox: str, desired: DesiredReply,
+             record: ReplyRecord | None) -> bool:
+    """Whether the item last recorded this very reply at this mailbox, written by us
+    and not in doubt (a forced resync reads and rewrites anyway)."""
+    wanted = desired.content_hash()
+    return (
+        not item.force and record is not None and record.intent is None
+        and record.readback is not None and record.applied_hash == wanted
+        and item.mailbox == mailbox and item.applied_hash == wanted
+    )
 
 
 def _operation(operations: list[str]) -> str:
