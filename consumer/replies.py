@@ -80,7 +80,7 @@ class AutoReply(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     internal: str = Field(min_length=1, max_length=MAX_MESSAGE)
-    external: str | None = Field(default=None, max_length=MAX_MESSAGE)
+    external: str | None = Field(default=None, min_length=1, max_length=MAX_MESSAGE)
     audience: Audience = "all"
     types: list[str] | None = None
     date_format: str | None = Field(default=None, min_length=1, max_length=100)
