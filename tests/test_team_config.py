@@ -3,15 +3,20 @@ every error), normalisation, storage, and which targets a configuration has."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from consumer.config import ConfigError, SyncConfig, load_file, parse_sync
 from consumer.store import _render_hash
 from consumer.targets import CALENDAR, KNOWN, TEAM, targets_of, transaction_id
+from tests.admin_world import record
+from tests.test_cli import run
+from tests.test_feeds import doc
 
 BASE: dict[str, Any] = {
     "id": "acme-dav", "tenant": "acme", "provider": "caldav",
@@ -135,3 +140,30 @@ def test_targets_are_a_closed_set_with_their_own_transaction_ids() -> None:
     assert transaction_id("acme", "abs-1", 3) == "acme/abs-1/3"
     assert transaction_id("acme", "abs-1", 3, CALENDAR) == "acme/abs-1/3"
     assert transaction_id("acme", "abs-1", 3, TEAM) == "acme/abs-1/team/3"
+
+
+async def test_config_apply_and_show_through_the_console_script(
+    dsn: str, tmp_path: Path, pool: asyncpg.Pool
+) -> None:
+    """`config apply` stores the team calendar; `config show` prints it and the
+    items of each target."""
+    path = tmp_path / "syncs.yaml"
+    path.write_text(textwrap.dedent("""\
+        syncs:
+          - id: acme-dav
+            tenant: acme
+            provider: caldav
+            caldav: {url: "https://dav.example.com/{email}/calendar/"}
+            team_calendar: {address: Team-Paris@acme.example}
+    """), encoding="utf-8")
+    applied = run(dsn, "config", "apply", "-f", str(path))
+    assert applied.returncode == 0, applied.stderr
+    await record(pool, [doc("jane"), doc("john", email="john@acme.test")])
+    shown = run(dsn, "config", "show", "acme-dav")
+    assert shown.returncode == 0, shown.stderr
+    shown_doc = json.loads(shown.stdout)
+    assert shown_doc["team_calendar"] == {"address": "team-paris@acme.example"}
+    assert shown_doc["items"] == {"pending": 4}
+    assert shown_doc["items_by_target"] == {"calendar": {"pending": 2}, "team": {"pending": 2}}
+    again = run(dsn, "config", "apply", "-f", str(path))
+    assert again.stdout.splitlines() == ["acme-dav: unchanged"]
