@@ -46,7 +46,7 @@ def test_without_team_calendar_a_configuration_has_its_calendar_only() -> None:
     [
         ({}, "team_calendar.address", "Field required"),
         ({"address": ""}, "team_calendar.address", "must be an e-mail address"),
-        ({"address": "team-paris"}, "team_calendar.address", "must be an e-mail address such "
+        ({"address": "team/paris"}, "team_calendar.address", "must be an e-mail address such "
                                                             "as team-paris@acme.example"),
         ({"address": "a b@acme.example"}, "team_calendar.address", "must be an e-mail"),
         ({"address": "team@@acme.example"}, "team_calendar.address", "must be an e-mail"),
@@ -69,6 +69,29 @@ def test_bad_team_calendars_are_refused_with_a_clear_message(
     message = str(refused.value)
     assert message.startswith(f"test: field '{field}': "), message
     assert fragment in message
+
+
+def test_a_caldav_team_calendar_may_be_a_collection_name_the_others_are_mailboxes() -> None:
+    cfg = config(team_calendar={"address": "Team-Paris"})
+    assert cfg.team_calendar is not None and cfg.team_calendar.address == "team-paris"
+    for provider, block in (("microsoft365", {"tenant_id": "t-1"}),
+                            ("exchange", None)):
+        raw: dict[str, Any] = {"id": "x", "tenant": "acme", "provider": provider,
+                               "team_calendar": {"address": "team-paris"}}
+        if block is not None:
+            raw[provider] = block
+        else:
+            raw["exchange"] = {"url": "https://mail.acme.example/EWS/Exchange.asmx",
+                               "username": "svc", "password_env": "TEAM_TEST_PASSWORD"}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TEAM_TEST_PASSWORD", "secret")
+            with pytest.raises(ConfigError) as refused:
+                parse_sync("test", raw)
+        assert str(refused.value) == (
+            f"test: field 'team_calendar.address': a {provider} team calendar is a shared "
+            "mailbox: must be an e-mail address such as team-paris@acme.example, got "
+            "'team-paris'"
+        )
 
 
 def test_an_ics_configuration_has_no_team_calendar_its_team_feed_is_the_team_view() -> None:
@@ -96,7 +119,7 @@ def test_file_errors_name_the_file_the_sync_and_the_field(tmp_path: Path) -> Non
             tenant: acme
             provider: caldav
             caldav: {url: "https://dav.example.com/{email}/calendar/"}
-            team_calendar: {address: not-an-address}
+            team_calendar: {address: "not an address"}
     """), encoding="utf-8")
     with pytest.raises(ConfigError) as refused:
         load_file(path)
