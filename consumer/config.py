@@ -44,6 +44,8 @@ _SPAN = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 #: the loose e-mail check of the event schema (one '@', a dot in the domain, no blanks)
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+#: a CalDAV collection named otherwise than by an address (one path segment)
+_COLLECTION = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,199}$")
 MAX_ADDRESS = 320
 
 
@@ -147,11 +149,12 @@ class TypeRule(BaseModel):
 class TeamCalendar(BaseModel):
     """A configuration's shared team calendar (`team_calendar: {address: ...}`).
 
-    `address` names one shared mailbox (Microsoft 365, Exchange, Google) or
-    CalDAV collection (the `{email}` of the CalDAV URL template), like an
-    employee's calendar address: every absence the configuration wants is
-    also written there, as the team view renders it. Kept in lower case,
-    as calendar addresses are compared."""
+    `address` names one shared mailbox (Microsoft 365, Exchange, Google: an
+    e-mail address) or CalDAV collection (the `{email}` of the CalDAV URL
+    template: an address, or a plain collection name), like an employee's
+    calendar address: every absence the configuration wants is also written
+    there, as the team view renders it. Kept in lower case, as calendar
+    addresses are."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -178,13 +181,18 @@ class TeamCalendar(BaseModel):
         if not isinstance(value, str):
             raise ValueError("must be an e-mail address (text)")
         address = value.strip().lower()
-        if len(address) > MAX_ADDRESS or not _ADDRESS.match(address) or not (
-            address.isprintable()
+        if len(address) > MAX_ADDRESS or not address.isprintable() or not (
+            _ADDRESS.match(address) or _COLLECTION.match(address)
         ):
             raise ValueError(
                 f"must be an e-mail address such as team-paris@acme.example, got {value!r}"
             )
         return address
+
+    @property
+    def is_mailbox(self) -> bool:
+        """An e-mail address (what every provider but CalDAV needs)."""
+        return bool(_ADDRESS.match(self.address))
 
 
 class SyncConfig(BaseModel):
@@ -268,13 +276,9 @@ class SyncConfig(BaseModel):
 
     @model_validator(mode="after")
     def _team_calendar_has_a_calendar(self) -> SyncConfig:
-        if self.team_calendar is not None and self.provider == "ics":
-            # the ics provider writes nowhere: its team view is the configuration feed
-            raise ValueError(
-                "team_calendar: an ics configuration has no calendar to write to; its "
-                "team view is the configuration feed ('absence-sync feed create --config "
-                "ID' without --employee)"
-            )
+        problem = team_calendar_problem(self.provider, self.team_calendar)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
         return self
 
     @field_validator("auto_reply", mode="before")
@@ -663,18 +667,39 @@ def parse_sync(where: str, raw: Any) -> SyncConfig:
         raise ConfigError(f"{where}: field '{others[0]}': block does not match provider {provider}")
     plain, secrets = _resolve_block(where, provider, raw.get(provider))
     if provider == "ics" and raw.get("team_calendar") is not None:
-        raise ConfigError(
-            f"{where}: field 'team_calendar': an ics configuration has no calendar to "
-            "write to; its team view is the configuration feed ('absence-sync feed create "
-            "--config ID' without --employee)"
-        )
+        raise ConfigError(f"{where}: field 'team_calendar': {_ICS_TEAM}")
     try:
         return SyncConfig(**fields, provider_settings=plain, secrets=secrets)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(entry)"
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"] and msg.startswith("team_calendar"):  # checked with the provider
+            field, _, msg = msg.partition(": ")
         raise ConfigError(f"{where}: field '{field}': {msg}") from exc
+
+
+_ICS_TEAM = (
+    "an ics configuration has no calendar to write to; its team view is the "
+    "configuration feed ('absence-sync feed create --config ID' without --employee)"
+)
+
+
+def team_calendar_problem(
+    provider: str, team: TeamCalendar | None
+) -> tuple[str, str] | None:
+    """(field, problem) when `team` does not suit `provider`: an ics configuration
+    has none (its team feed is its team view); a collection name that is not an
+    address is for CalDAV only."""
+    if team is None:
+        return None
+    if provider == "ics":
+        return "team_calendar", _ICS_TEAM
+    if provider != "caldav" and not team.is_mailbox:
+        return ("team_calendar.address",
+                f"a {provider} team calendar is a shared mailbox: must be an e-mail address "
+                f"such as team-paris@acme.example, got {team.address!r}")
+    return None
 
 
 def load_file(path: Path) -> list[SyncConfig]:

@@ -3,15 +3,20 @@ every error), normalisation, storage, and which targets a configuration has."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from consumer.config import ConfigError, SyncConfig, load_file, parse_sync
 from consumer.store import _render_hash
 from consumer.targets import CALENDAR, KNOWN, REPLY, TEAM, targets_of, transaction_id
+from tests.admin_world import record
+from tests.test_cli import run
+from tests.test_feeds import doc
 
 BASE: dict[str, Any] = {
     "id": "acme-dav", "tenant": "acme", "provider": "caldav",
@@ -41,7 +46,7 @@ def test_without_team_calendar_a_configuration_has_its_calendar_only() -> None:
     [
         ({}, "team_calendar.address", "Field required"),
         ({"address": ""}, "team_calendar.address", "must be an e-mail address"),
-        ({"address": "team-paris"}, "team_calendar.address", "must be an e-mail address such "
+        ({"address": "team/paris"}, "team_calendar.address", "must be an e-mail address such "
                                                             "as team-paris@acme.example"),
         ({"address": "a b@acme.example"}, "team_calendar.address", "must be an e-mail"),
         ({"address": "team@@acme.example"}, "team_calendar.address", "must be an e-mail"),
@@ -64,6 +69,29 @@ def test_bad_team_calendars_are_refused_with_a_clear_message(
     message = str(refused.value)
     assert message.startswith(f"test: field '{field}': "), message
     assert fragment in message
+
+
+def test_a_caldav_team_calendar_may_be_a_collection_name_the_others_are_mailboxes() -> None:
+    cfg = config(team_calendar={"address": "Team-Paris"})
+    assert cfg.team_calendar is not None and cfg.team_calendar.address == "team-paris"
+    for provider, block in (("microsoft365", {"tenant_id": "t-1"}),
+                            ("exchange", None)):
+        raw: dict[str, Any] = {"id": "x", "tenant": "acme", "provider": provider,
+                               "team_calendar": {"address": "team-paris"}}
+        if block is not None:
+            raw[provider] = block
+        else:
+            raw["exchange"] = {"url": "https://mail.acme.example/EWS/Exchange.asmx",
+                               "username": "svc", "password_env": "TEAM_TEST_PASSWORD"}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TEAM_TEST_PASSWORD", "secret")
+            with pytest.raises(ConfigError) as refused:
+                parse_sync("test", raw)
+        assert str(refused.value) == (
+            f"test: field 'team_calendar.address': a {provider} team calendar is a shared "
+            "mailbox: must be an e-mail address such as team-paris@acme.example, got "
+            "'team-paris'"
+        )
 
 
 def test_an_ics_configuration_has_no_team_calendar_its_team_feed_is_the_team_view() -> None:
@@ -91,7 +119,7 @@ def test_file_errors_name_the_file_the_sync_and_the_field(tmp_path: Path) -> Non
             tenant: acme
             provider: caldav
             caldav: {url: "https://dav.example.com/{email}/calendar/"}
-            team_calendar: {address: not-an-address}
+            team_calendar: {address: "not an address"}
     """), encoding="utf-8")
     with pytest.raises(ConfigError) as refused:
         load_file(path)
@@ -135,3 +163,30 @@ def test_targets_are_a_closed_set_with_their_own_transaction_ids() -> None:
     assert transaction_id("acme", "abs-1", 3) == "acme/abs-1/3"
     assert transaction_id("acme", "abs-1", 3, CALENDAR) == "acme/abs-1/3"
     assert transaction_id("acme", "abs-1", 3, TEAM) == "acme/abs-1/team/3"
+
+
+async def test_config_apply_and_show_through_the_console_script(
+    dsn: str, tmp_path: Path, pool: asyncpg.Pool
+) -> None:
+    """`config apply` stores the team calendar; `config show` prints it and the
+    items of each target."""
+    path = tmp_path / "syncs.yaml"
+    path.write_text(textwrap.dedent("""\
+        syncs:
+          - id: acme-dav
+            tenant: acme
+            provider: caldav
+            caldav: {url: "https://dav.example.com/{email}/calendar/"}
+            team_calendar: {address: Team-Paris@acme.example}
+    """), encoding="utf-8")
+    applied = run(dsn, "config", "apply", "-f", str(path))
+    assert applied.returncode == 0, applied.stderr
+    await record(pool, [doc("jane"), doc("john", email="john@acme.test")])
+    shown = run(dsn, "config", "show", "acme-dav")
+    assert shown.returncode == 0, shown.stderr
+    shown_doc = json.loads(shown.stdout)
+    assert shown_doc["team_calendar"] == {"address": "team-paris@acme.example"}
+    assert shown_doc["items"] == {"pending": 4}
+    assert shown_doc["items_by_target"] == {"calendar": {"pending": 2}, "team": {"pending": 2}}
+    again = run(dsn, "config", "apply", "-f", str(path))
+    assert again.stdout.splitlines() == ["acme-dav: unchanged"]
