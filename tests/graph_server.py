@@ -123,6 +123,10 @@ class GraphServer:
     #: mailboxes whose settings reads wait, once a PATCH of them arrived, until
     #: `release_readback` (a crash between a write and its record)
     hold_readback: set[str] = field(default_factory=set)
+    #: answers for the next mailbox settings requests of a mailbox (`script_settings`)
+    settings_scripts: dict[str, list[GraphAnswer]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     _patched: set[str] = field(default_factory=set)
     _released: asyncio.Event | None = None
     requests: list[Recorded] = field(default_factory=list)
@@ -424,7 +428,8 @@ class GraphServer:
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if len(parts) >= 3 and parts[0] == "users" and parts[2] == "mailboxSettings":
             record.mailbox = parts[1].lower()
-            scripted = self.scripts.get(parts[1].lower()) or self.scripts.get("*")
+            scripted = (self.settings_scripts.get(parts[1].lower())
+                        or self.scripts.get(parts[1].lower()) or self.scripts.get("*"))
             if scripted:
                 return scripted.pop(0)
             box = parts[1].lower()
@@ -510,6 +515,13 @@ class GraphServer:
         return graph_error(405, "ErrorInvalidRequest", "Method not allowed.")
 
     # ------------------------------------------------------------- mailbox settings
+
+    def script_settings(self, mailbox: str, status: int, code: str,
+                        retry_after: str | None = None) -> None:
+        """The next mailbox settings request for `mailbox` (only those) gets this answer."""
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        self.settings_scripts[mailbox.lower()].append(
+            graph_error(status, code, "scripted", headers))
 
     def release_readback(self) -> None:
         self.hold_readback.clear()

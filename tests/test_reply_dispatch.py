@@ -304,7 +304,7 @@ async def test_a_new_address_moves_the_reply(m365: World, graph: GraphServer) ->
 
 async def test_throttling_is_retried_with_back_off(m365: World, graph: GraphServer) -> None:  # noqa: F811
     box = mailbox(graph)
-    graph.script(box, 429, "ApplicationThrottled", retry_after="2")
+    graph.script_settings(box, 429, "ApplicationThrottled", retry_after="2")
     await record(m365.pool, event("f1", 1, email=box, start=("2027-08-02", "am"),
                                   end=("2027-08-02", "pm")))
     await m365.sync()
