@@ -1,4 +1,4 @@
-"""Dispatch (SPEC section 7): pending work -> providers, with per-tenant limits.
+"""Dispatch (docs/guarantees.md): pending work -> providers, with per-tenant limits.
 
 The dispatcher leases due items from PostgreSQL (`FOR UPDATE SKIP LOCKED`, so
 replicas share work without doubles), renders and plans each one (pure

@@ -1,4 +1,4 @@
-"""Rendering rules (SPEC section 5): (absence, configuration) -> desired event.
+"""Rendering rules (docs/rendering.md): (absence, configuration) -> desired event.
 
 Pure code: no I/O, no clock. `render` returns None when the configuration's
 calendar must not hold an event for the absence (rule 5.1).

@@ -1,6 +1,6 @@
 """The worker process: intake + dispatcher + maintenance + HTTP, with a bounded graceful stop.
 
-On SIGTERM (STYLE habit 6): stop taking work, finish the Kafka batch in flight
+On SIGTERM (docs/guarantees.md, 'Stopping: SIGTERM'): stop taking work, finish the Kafka batch in flight
 and commit it, give calendar writes in flight `shutdown_timeout_seconds` to
 finish (the rest is cancelled and its leases handed back), leave the group,
 close pools.

@@ -1,4 +1,4 @@
-"""The `absence-sync` console script, run as operators run it (SPEC section 13)."""
+"""The `absence-sync` console script, run as operators run it (README, 'Running it')."""
 
 from __future__ import annotations
 

@@ -173,7 +173,8 @@ async def test_sign_in_see_the_cause_retry_and_resync(
             await expect(result.locator("code")).to_have_text("consent_missing")
             await expect(result).to_contain_text("consent-url acme-o365")
             await expect(page.get_by_role("button", name="Test connection")).to_be_enabled()
-            await page.screenshot(path=shot("07-test-connection"), full_page=True)
+            await page.locator("section", has=page.locator("#test-title")).screenshot(
+                path=shot("07-test-connection"))
 
             # synchronize from a date: the count first, then a job and its progress bar
             await page.goto(base + "/ui/syncs/acme-cal")

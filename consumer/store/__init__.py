@@ -1,4 +1,4 @@
-"""PostgreSQL: the only module that knows SQL (STYLE: one-way data flow).
+"""PostgreSQL: the only module that knows SQL (README, 'Architecture': data flows one way).
 
 Tables are created by versioned plain-SQL migrations (`migrations/NNNN_*.sql`)
 applied under an advisory lock, so several replicas may start at once.
