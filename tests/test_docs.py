@@ -440,3 +440,14 @@ def test_anchor_slugs_follow_github() -> None:
         "the-absence-data-of-absenceupserted"
     )
     assert _slug("1. Wanted or not") == "1-wanted-or-not"
+
+
+def test_no_example_shows_a_placeholder_directory() -> None:
+    """The Microsoft 365 directory is recorded by admin consent: examples leave
+    `tenant_id` out instead of showing a made-up one to replace."""
+    shown = []
+    for path in [ROOT / "README.md", *_markdown_files(), *(ROOT / "deploy").rglob("*.y*ml")]:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"tenant_id:\s*\S", line) or "filled in by admin consent" in line:
+                shown.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert shown == []

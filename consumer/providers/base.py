@@ -1,4 +1,5 @@
-"""The provider interface and its error vocabulary (docs/guarantees.md, 'Permanent failures and error codes').
+"""The provider interface and its error vocabulary (docs/guarantees.md,
+'Permanent failures and error codes').
 
 Every calendar provider implements `Provider`; every failure leaves a
 provider as a `ProviderError` carrying a stable `code`, a human `hint`, a
