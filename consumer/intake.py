@@ -85,13 +85,14 @@ async def ensure_topics(settings: Settings, bootstrap: str, *, create: bool = Tr
 
 class TopicWatch:
     """Against a cluster the worker does not create topics on, checks that they
-    exist and says which is missing, without stopping the worker.
+    exist and says (in the log) which is missing, without stopping the worker.
 
-    A missing event topic is a warning and a `/readyz` reason until it
-    appears (the consumer picks it up at its next metadata refresh). A missing
-    dead-letter topic is a warning only: consumption works without it, and
-    clusters that create topics on first use (tansu, many development
-    clusters) create it with the first dead letter.
+    A missing event topic is a warning until it appears (the consumer picks it
+    up at its next metadata refresh; `/readyz` names it through
+    `Intake.kafka_problem`). A missing dead-letter topic is a warning only:
+    consumption works without it, and clusters that create topics on first
+    use (tansu, many development clusters) create it with the first dead letter.
+    `problem` is the event topic's state in `/readyz` words, or None.
     """
 
     def __init__(self, settings: Settings, bootstrap: str, *, first_delay: float = 1.0,
@@ -101,12 +102,8 @@ class TopicWatch:
         self.first_delay = first_delay
         self.max_delay = max_delay
         self.remind_every = remind_every
-        self.problem: str | None = "kafka: topics not checked yet"
+        self.problem: str | None = None
         self._warned: dict[str, float] = {}
-
-    async def readiness(self) -> str | None:
-        """The `/readyz` reason, or None."""
-        return self.problem
 
     async def check(self) -> list[str]:
         """Look the topics up once; returns the missing ones (a failed look-up: both)."""
@@ -114,13 +111,13 @@ class TopicWatch:
         try:
             missing = await ensure_topics(self.settings, self.bootstrap, create=False)
         except (KafkaError, OSError, Unreachable) as exc:
-            self.problem = f"kafka: cannot look up the topics ({type(exc).__name__})"
+            # the brokers' outage is reported as such; the topics' state is unknown
             self._warn("lookup", "cannot look up the Kafka topics; retrying",
                        error=type(exc).__name__)
             return [topic, dlq]
         hint = "create it, or set ABSENCE_SYNC_CREATE_TOPICS=true on a development cluster"
         if topic in missing:
-            self.problem = f"kafka: topic {topic!r} does not exist: {hint}"
+            self.problem = f"kafka: topic {topic} does not exist"
             self._warn(topic, "the event topic does not exist; waiting for it",
                        topic=topic, hint=hint)
         else:

@@ -118,7 +118,6 @@ async def run_worker(
         max_size=max(10, settings.dispatch_concurrency // 4),
         command_timeout=settings.database_command_timeout_seconds,
     )
-    topics: TopicWatch | None = None
     watching: asyncio.Task[None] | None = None
     try:
         await store.migrate(pool)
@@ -126,8 +125,9 @@ async def run_worker(
         if create if create is not None else endpoints.embedded_kafka:
             await ensure_topics(settings, endpoints.bootstrap, create=True)
         else:
-            topics = TopicWatch(settings, endpoints.bootstrap)
-            watching = asyncio.create_task(topics.run(stop), name="topics")
+            watching = asyncio.create_task(
+                TopicWatch(settings, endpoints.bootstrap).run(stop), name="topics"
+            )
         context = ProviderContext(settings, make_ssl_context(settings))
         outages = Outages(metrics)
         dispatcher = Dispatcher(
@@ -139,7 +139,6 @@ async def run_worker(
         )
         state = WebState(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,
-            extra_checks=[topics.readiness] if topics is not None else [],
             confirm_consent=_consent_confirmation(settings, context),
             settings=settings, box=dispatcher.box, bootstrap=endpoints.bootstrap,
             kafka_check=intake.kafka_problem, outages=outages,

@@ -95,9 +95,6 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("kafka: no partition assigned yet")
     if state.outages is not None:
         problems.extend(state.outages.problems())
-    for check in state.extra_checks:
-        if (problem := await check()) is not None:
-            problems.append(problem)
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
     return web.json_response({"status": "ready"})
