@@ -863,6 +863,8 @@ def resync_cmd(
         dry_run=dry_run, force=force, wait=wait,
     )
     settings = _settings()
+    if wait and not dry_run:
+        _refuse_paused(settings, tenant, config_ids)
     view = _ResyncView()
     try:
         with _endpoints(settings) as endpoints:
@@ -908,6 +910,20 @@ def resync_cmd(
         click.echo(json.dumps(summary.counts()))
     if wait and summary.failed:
         sys.exit(3)
+
+
+def _refuse_paused(settings: Settings, tenant: str | None, config_ids: tuple[str, ...]) -> None:
+    """`resync --wait` would wait forever for a paused configuration's writes."""
+    async def paused(pool: Any) -> list[str]:
+        return [s.config.id for s in await store.list_configs(pool)
+                if s.paused_at is not None
+                and (s.config.id in config_ids or (not config_ids and s.config.tenant == tenant))]
+
+    held = _with_pool(settings, paused)
+    if held:
+        _fail(f"configuration {held[0]!r} is paused: nothing is written until "
+              f"`absence-sync config resume {held[0]}`, so --wait would never end; resume it "
+              "first, or resync without --wait (the writes then wait for the resume)")
 
 
 @main.command("consent-url")

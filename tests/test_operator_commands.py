@@ -238,6 +238,20 @@ async def _written(pool: asyncpg.Pool, config_id: str, changes: int) -> bool:
     return row is not None and row["change_seq"] == changes == row["done_seq"]
 
 
+async def test_resync_wait_refuses_a_paused_configuration(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """It would wait forever: the paused configuration's writes never come."""
+    await apply(pool, sync_config("acme-cal"))
+    await store.set_paused(pool, "acme-cal", True)
+    env = {"ABSENCE_SYNC_DATABASE_URL": str(settings.database_url)}
+    for selection in (("--config", "acme-cal"), ("--tenant", "acme")):
+        code, _, err = await cli(env, "resync", *selection, "--wait")
+        assert code == 2, err
+        assert "configuration 'acme-cal' is paused" in err
+        assert "absence-sync config resume acme-cal" in err
+
+
 async def test_paused_configurations_appear_in_the_api(pool: asyncpg.Pool) -> None:
     from consumer.admin import Admin
 
