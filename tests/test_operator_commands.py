@@ -368,6 +368,7 @@ async def test_purge_without_wait_is_finished_by_the_workers(
         assert len(calendar.all()) == 1
         running.stop.set()  # a worker that is gone: the purge waits for one
         await running.task
+    await store.set_paused(pool, "acme-cal", True)  # a purge deletes all the same
     code, out, err = await cli({"ABSENCE_SYNC_DATABASE_URL": str(settings.database_url)},
                                "config", "delete", "acme-cal", "--purge")
     assert code == 0, err
