@@ -417,6 +417,7 @@ def config_delete(config_id: str, purge: bool, wait: bool) -> None:
     ABSENCE_SYNC_MS_*).
     """
     from consumer import purge as purging
+    from consumer.admin import Admin
     from consumer.store import admin as admin_store
 
     if wait and not purge:
@@ -441,7 +442,7 @@ def config_delete(config_id: str, purge: bool, wait: bool) -> None:
         if tenant is None:
             _fail(f"no configuration with id {config_id!r}", 1)
         events = (await store.status_counts(pool, config_id)).get("synced", 0)
-        await admin_store.delete_config(pool, tenant, config_id)
+        await Admin(pool).delete(tenant, config_id, purge=False)
         return events, None
 
     try:
@@ -575,7 +576,8 @@ def status_cmd(as_json: bool) -> None:
     partition, read without joining the group), the backlog of calendar
     writes and its oldest age, and every configuration with its health and
     likely cause (as the administration page judges them). Exit status 0
-    when the broker and the database are reachable, 1 otherwise. Reads
+    when the broker and the database are reachable, 1 otherwise (or when the
+    database schema needs `absence-sync migrate`). Reads
     ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS (and the ABSENCE_SYNC_KAFKA_*
     security settings), ABSENCE_SYNC_TOPIC, ABSENCE_SYNC_GROUP_ID and
     ABSENCE_SYNC_DATABASE_URL.

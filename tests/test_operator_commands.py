@@ -357,6 +357,26 @@ async def test_delete_with_purge_wait_deletes_the_events_then_the_configuration(
     assert code == 2 and "--wait goes with --purge" in err
 
 
+async def test_purge_wait_stops_on_events_that_cannot_be_deleted(
+    settings: Settings, pool: asyncpg.Pool, graph: GraphServer
+) -> None:
+    o365 = SyncConfig(id="acme-o365", tenant="acme", provider="microsoft365",
+                      provider_settings={"tenant_id": DIRECTORY})
+    await apply(pool, o365)
+    await record(pool, event("abs-1", 1, email="jane@acme.test"),
+                 event("abs-2", 1, email="john@acme.test"))
+    await write_all(graph_settings(settings, graph), pool, "acme-o365")
+    graph.access_denied.add("john@acme.test")  # rights revoked since
+    code, out, err = await cli(graph_env(settings, graph), "config", "delete", "acme-o365",
+                               "--purge", "--wait")
+    assert code == 3, err
+    assert "purging acme-o365: 1 event(s) could not be deleted" in out
+    assert "absence-sync items --config acme-o365 --state failed" in out
+    assert not graph.events["jane@acme.test"] and graph.events["john@acme.test"]
+    stored = await store.get_config(pool, "acme-o365")
+    assert stored is not None  # kept until its events are gone
+
+
 async def test_purge_without_wait_is_finished_by_the_workers(
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
