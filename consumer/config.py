@@ -581,15 +581,16 @@ def load_file(path: Path, *, read_secrets: bool = True) -> list[SyncConfig]:
             f"{path}: expected a top-level 'syncs:' list (syncs: then '- id: ...' entries), "
             f"got {_shown(doc) if doc is not None else 'an empty file'}"
         )
-    for key in doc:
-        if key != "syncs":
-            close = difflib.get_close_matches(str(key), ["syncs"], n=1, cutoff=0.6)
-            raise ConfigError(
-                f"{path}: unknown top-level key {str(key)!r}"
-                + (f"; did you mean '{close[0]}'?" if close else "")
-                + " (a configuration file holds one top-level key, 'syncs:', a list of "
-                "configurations; see docs/configuration.md)"
-            )
+    if "syncs" not in doc:
+        # other top-level keys are left alone (e.g. YAML anchors for shared values),
+        # but without `syncs` one of them is likely its misspelling
+        close = difflib.get_close_matches("syncs", [str(k) for k in doc], n=1, cutoff=0.6)
+        raise ConfigError(
+            f"{path}: no top-level 'syncs:' list"
+            + (f"; found {close[0]!r}: did you mean 'syncs'?" if close else "")
+            + " (a configuration file holds 'syncs:', a list of configurations; see "
+            "docs/configuration.md)"
+        )
     if not isinstance(doc.get("syncs"), list):
         raise ConfigError(
             f"{path}: expected a top-level 'syncs:' list (syncs: then '- id: ...' entries), "

@@ -407,12 +407,13 @@ def test_configuration_mistakes_name_file_sync_field_value_and_form(
             assert pydantic not in message
 
 
-def test_unknown_top_level_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+def test_a_misspelt_syncs_key_gets_a_did_you_mean(tmp_path: Path) -> None:
     path = tmp_path / "syncs.yaml"
     path.write_text("sync:\n  - id: acme-dav\n", encoding="utf-8")
     done = run(None, "config", "validate", "-f", str(path))
     assert_clean_failure(done, 2)
-    assert f"{path}: unknown top-level key 'sync'; did you mean 'syncs'?" in done.stderr
+    assert f"{path}: no top-level 'syncs:' list; found 'sync': did you mean 'syncs'?" in (
+        done.stderr)
 
 
 def _commands() -> list[tuple[str, ...]]:
