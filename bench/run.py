@@ -832,6 +832,55 @@ def rows(results: dict[str, Any]) -> list[Row]:
     return out
 
 
+def summary(results: dict[str, Any], passed: bool, seconds: float) -> dict[str, Any]:
+    """Every figure and ratio of the run, flat: the benchmark's last line."""
+    out: dict[str, Any] = {}
+    base = results.get("baseline")
+    base_rate = base["events_per_second"] if base else None
+
+    def ratio(rate: float) -> float | None:
+        return round(rate / base_rate, 3) if base_rate else None
+
+    if base:
+        out["baseline_events_per_second"] = round(base_rate or 0.0, 1)
+    if "pipeline" in results:
+        p = results["pipeline"]
+        out["pipeline_events_per_second"] = round(p["events_per_second"], 1)
+        out["pipeline_ratio"] = ratio(p["events_per_second"])
+        out["intake_events_per_second"] = round(p["intake_events_per_second"], 1)
+        out["intake_ratio"] = ratio(p["intake_events_per_second"])
+    if "replay" in results:
+        p = results["replay"]
+        out["replay_events_per_second"] = round(p["events_per_second"], 1)
+        out["replay_ratio"] = ratio(p["events_per_second"])
+        out["replay_calendar_requests"] = p["calendar_requests"]
+        out["replay_calendar_requests_metric"] = p["calendar_requests_metric"]
+    if "latency" in results:
+        p = results["latency"]
+        out["latency_rate_asked"] = p["rate_asked"]
+        out["latency_rate_achieved"] = round(p["rate_achieved"], 1)
+        for key in ("p50", "p99", "max"):
+            out[f"latency_{key}_seconds"] = round(p[key], 4)
+    for key in ("limited", "limited_double_only"):
+        if key in results:
+            p = results[key]
+            out[f"{key}_writes_per_second"] = round(p["achieved_writes_per_second"], 1)
+            out[f"{key}_allowed_writes_per_second"] = p["allowed_writes_per_second"]
+            out[f"{key}_ratio"] = round(
+                p["achieved_writes_per_second"] / p["allowed_writes_per_second"], 3
+            )
+            out[f"{key}_max_in_flight"] = p["max_in_flight_seen"]
+    if "memory" in results:
+        small, large = results["memory"]
+        out["memory_backlogs"] = [small["backlog"], large["backlog"]]
+        out["memory_peak_rss_mb"] = [round(small["peak_rss_mb"], 1),
+                                     round(large["peak_rss_mb"], 1)]
+        out["memory_ratio"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
+    out["passed"] = passed
+    out["seconds"] = round(seconds, 1)
+    return out
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -1013,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(table)
     print(f"\n{time.time() - started:.0f} s; results in {args.output}")
+    # the last line: one JSON object with every figure and ratio
+    print(json.dumps(summary(results, doc["passed"], time.time() - started)), flush=True)
     return 0 if doc["passed"] else 1
 
 

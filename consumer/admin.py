@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from consumer import health, resync, store
+from consumer import feeds, health, resync, store
 from consumer.config import PROVIDERS, ConfigError, SyncConfig, parse_sync, secret_names
 from consumer.errors import Unreachable
 from consumer.providers.base import CONSENT_MISSING
 from consumer.secrets import SecretBox
 from consumer.settings import Settings
 from consumer.store import admin as admin_store
+from consumer.store import feeds as feed_store
 from consumer.web import jobs
 
 if TYPE_CHECKING:
@@ -461,6 +462,86 @@ class Admin:
             await admin_store.delete_config(self.pool, tenant, config_id)
         self.notify()
         return Deleted(0)
+
+    # --- feeds of ics configurations --------------------------------------------
+
+    async def feeds(self, tenant: str, config_id: str) -> list[feed_store.FeedRow]:
+        """The configuration's feed links (never their URLs), revoked ones too."""
+        await self._config(tenant, config_id)
+        return await feed_store.list_feeds(self.pool, config_id, tenant)
+
+    async def create_feed(
+        self, tenant: str, config_id: str, body: Any, base_url: str
+    ) -> NewFeed:
+        """A new feed link of an `ics` configuration: personal (`employee`) or the
+        team feed. Its URL is returned this once; only its hash is kept."""
+        stored = await self._config(tenant, config_id)
+        _feeds_only(stored)
+        employee, name = feed_request(body)
+        feed_id, token = feeds.new_feed_token()
+        row = await feed_store.create_feed(
+            self.pool, feed_id=feed_id, config_id=config_id, tenant=tenant,
+            employee=employee, name=name, digest=feeds.feed_token_hash(token),
+        )
+        if row is None:  # deleted meanwhile
+            raise NotFound("configuration", config_id)
+        base = (self.settings.public_url if self.settings is not None else None) or base_url
+        return NewFeed(row, feeds.feed_url(base, token))
+
+    async def revoke_feed(self, tenant: str, config_id: str, feed_id: str) -> feed_store.FeedRow:
+        await self._config(tenant, config_id)
+        row = await feed_store.revoke_feed(
+            self.pool, feed_id, config_id=config_id, tenant=tenant
+        )
+        if row is None:
+            raise NotFound("feed", feed_id)
+        return row
+
+
+def feed_request(body: Any) -> tuple[str | None, str | None]:
+    """(employee e-mail or None for the team feed, name or None) of a feed request
+    body (`{"employee": ..., "name": ...}`, both optional); AdminError (400) otherwise."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise AdminError(400, "invalid_request", "the body must be a JSON object")
+    unknown = sorted(set(body) - {"employee", "name"})
+    if unknown:
+        raise AdminError(400, "invalid_request",
+                         f"unknown field {unknown[0]!r} (a feed takes 'employee' and 'name')")
+    employee = body.get("employee")
+    if employee is not None:
+        if not isinstance(employee, str):
+            raise AdminError(400, "invalid_request", "field 'employee': must be an e-mail")
+        try:
+            employee = feeds.normalise_employee(employee)
+        except ValueError as exc:
+            raise AdminError(400, "invalid_request", f"field 'employee': {exc}") from exc
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > feeds.MAX_NAME):
+        raise AdminError(400, "invalid_request",
+                         f"field 'name': must be text of at most {feeds.MAX_NAME} characters")
+    return employee, feeds.clean_name(name)
+
+
+def _feeds_only(stored: store.StoredConfig) -> None:
+    if stored.config.provider != "ics":
+        raise AdminError(
+            400, "invalid_request",
+            f"configuration {stored.config.id!r} writes to {stored.config.provider}: feeds are "
+            "served for configurations with provider: ics",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NewFeed:
+    """A feed just created; `url` holds its token and is shown this once."""
+
+    feed: feed_store.FeedRow
+    url: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.feed.as_dict(), "url": self.url}
 
 
 def _encode_cursor(absence_id: str) -> str:

@@ -1066,6 +1066,114 @@ def token_revoke(token_id: str) -> None:
     click.echo(f"revoked token {token_id}")
 
 
+@main.group()
+def feed() -> None:
+    """iCalendar feed links of `provider: ics` configurations (docs/rendering.md, 'Feeds')."""
+
+
+@feed.command("create")
+@click.option("--config", "config_id", required=True, help="an ics configuration's id")
+@click.option("--employee", help="the employee's e-mail: a personal feed of their events "
+              "(left out: the configuration's team feed)")
+@click.option("--name", help="the calendar name clients show (default: 'Absences of EMAIL' "
+              "or 'Team absences (ID)')")
+@_embedded_option
+def feed_create(config_id: str, employee: str | None, name: str | None) -> None:
+    """Create a feed link; its URL is printed once, alone on the last line.
+
+    The URL is ABSENCE_SYNC_PUBLIC_URL + /feeds/TOKEN.ics; the token is stored
+    only as a hash, so it cannot be shown again (create another link instead).
+    """
+    from consumer import feeds
+    from consumer.store import feeds as feed_store
+
+    settings = _settings()
+    if employee is not None:
+        try:
+            employee = feeds.normalise_employee(employee)
+        except ValueError as exc:
+            _fail(f"--employee: {exc}")
+    if name is not None and len(name) > feeds.MAX_NAME:
+        _fail(f"--name: at most {feeds.MAX_NAME} characters")
+    feed_id, token = feeds.new_feed_token()
+
+    async def go(pool: Any) -> Any:
+        stored = await store.get_config(pool, config_id)
+        if stored is None:
+            _fail(f"no configuration with id {config_id!r}", 1)
+        if stored.config.provider != "ics":
+            _fail(f"configuration {config_id!r} writes to {stored.config.provider}: feeds are "
+                  "served for configurations with provider: ics")
+        return await feed_store.create_feed(
+            pool, feed_id=feed_id, config_id=config_id, tenant=stored.config.tenant,
+            employee=employee, name=feeds.clean_name(name), digest=feeds.feed_token_hash(token),
+        )
+
+    row = _with_pool(settings, go)
+    if row is None:
+        _fail(f"no configuration with id {config_id!r}", 1)
+    base = settings.public_url
+    if not base:
+        base = f"http://localhost:{settings.http_port}"
+        _warn(f"ABSENCE_SYNC_PUBLIC_URL is not set: the link uses {base}; set it to the "
+              "address where calendar clients reach the worker")
+    what = f"employee {row.employee}" if row.employee else "the whole team"
+    click.echo(f"created feed {row.id} of configuration {config_id} for {what}")
+    click.echo("the link is shown only this once: it is the only key to the feed")
+    click.echo(feeds.feed_url(base, token))
+
+
+@feed.command("list")
+@click.option("--config", "config_id", required=True, help="the configuration's id")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_embedded_option
+def feed_list(config_id: str, as_json: bool) -> None:
+    """List a configuration's feed links: ids, employees, creation, last use (never a URL)."""
+    from consumer.store import feeds as feed_store
+
+    settings = _settings()
+
+    async def go(pool: Any) -> Any:
+        if await store.get_config(pool, config_id) is None:
+            _fail(f"no configuration with id {config_id!r}", 1)
+        return await feed_store.list_feeds(pool, config_id)
+
+    rows = _with_pool(settings, go)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no feeds")
+        return
+    click.echo(f"{'ID':<13} {'FOR':<32} {'CREATED':<17} {'LAST USED':<17} NAME")
+    for r in rows:
+        used = r.last_used_at.strftime("%Y-%m-%d %H:%M") if r.last_used_at else "never"
+        state = " (revoked)" if r.revoked else ""
+        who = r.employee or "team"
+        click.echo(f"{r.id:<13} {who:<32} {r.created_at:%Y-%m-%d %H:%M} {used:<17} "
+                   f"{r.name or ''}{state}")
+
+
+@feed.command("revoke")
+@click.argument("feed")
+@_embedded_option
+def feed_revoke(feed: str) -> None:
+    """Revoke a feed link by its id (as `feed list` shows it), or by its URL; it
+    answers 404 at once."""
+    from consumer import feeds
+    from consumer.store import feeds as feed_store
+
+    settings = _settings()
+    token = feeds.token_of(feed)
+    row = _with_pool(settings, lambda pool: feed_store.revoke_feed(
+        pool, None if token else feed.strip(),
+        digest=feeds.feed_token_hash(token) if token else None,
+    ))
+    if row is None:
+        _fail("no such feed" + ("" if token else f" with id {feed.strip()!r}"), 1)
+    click.echo(f"revoked feed {row.id} of configuration {row.config_id}")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import os
 import re
 import zoneinfo
@@ -29,14 +30,17 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
 from consumer.logs import register_secret_value
 
-Provider = Literal["microsoft365", "exchange", "google", "caldav"]
-PROVIDERS: tuple[str, ...] = ("microsoft365", "exchange", "google", "caldav")
+Provider = Literal["microsoft365", "exchange", "google", "caldav", "ics"]
+PROVIDERS: tuple[str, ...] = ("microsoft365", "exchange", "google", "caldav", "ics")
+ShowAs = Literal["free", "tentative", "busy", "oof", "workingElsewhere"]
+SHOW_AS: tuple[str, ...] = ("free", "tentative", "busy", "oof", "workingElsewhere")
 _SPAN = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -55,6 +59,7 @@ class TimeSpan:
     end: dt.time
 
 
+@functools.lru_cache(maxsize=1024)  # rendering asks for a configuration's spans per event
 def parse_span(value: str) -> TimeSpan:
     match = _SPAN.match(value.strip())
     if not match:
@@ -67,6 +72,78 @@ def parse_span(value: str) -> TimeSpan:
     if span.end <= span.start:
         raise ValueError(f"{value!r} ends before it starts")
     return span
+
+
+class TypeRule(BaseModel):
+    """Rules for one leave type (`types:` of a configuration, keyed by `account.id`).
+
+    Every field is optional; a field left out (or null) keeps what the
+    configuration says. `skip` makes the type never wanted; `label` is the
+    subject whatever `hide_labels` says; `show_as` replaces the show-as of
+    approved absences (pending ones show `tentative` unless that show-as is
+    `free` or `workingElsewhere`); `sync_pending`, `private` and `category`
+    override the configuration's values for the type (`category: ""`: none).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    skip: bool = False
+    label: str | None = Field(default=None, max_length=255)
+    show_as: ShowAs | None = None
+    sync_pending: bool | None = None
+    private: bool | None = None
+    category: str | None = Field(default=None, max_length=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, raw: Any) -> Any:
+        if raw is None:
+            raise ValueError(
+                "must be a mapping of rules (e.g. {skip: true}), not empty"
+            )
+        if not isinstance(raw, dict):
+            raise ValueError("must be a mapping of rules (e.g. {skip: true})")
+        for key in raw:
+            if key not in cls.model_fields:
+                close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1,
+                                                  cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(
+                    f"unknown field {str(key)!r}{hint} (a leave type rule accepts: "
+                    f"{', '.join(cls.model_fields)})"
+                )
+        return raw
+
+    @field_validator("show_as", mode="before")
+    @classmethod
+    def _check_show_as(cls, value: Any) -> Any:
+        if value is not None and value not in SHOW_AS:
+            raise ValueError(f"must be one of {', '.join(SHOW_AS)}, got {value!r}")
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _check_label(cls, value: str | None) -> str | None:
+        from consumer.render import clean_label  # render imports this module
+
+        if value is None:
+            return None
+        cleaned = clean_label(value, fallback="")
+        if not cleaned:
+            raise ValueError("must hold visible text (control characters and blanks "
+                             "are removed)")
+        return cleaned
+
+    @field_validator("category")
+    @classmethod
+    def _check_category(cls, value: str | None) -> str | None:
+        from consumer.render import clean_label
+
+        return None if value is None else clean_label(value, fallback="")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields this rule sets (what a file would hold)."""
+        return self.model_dump(exclude_defaults=True)
 
 
 class SyncConfig(BaseModel):
@@ -89,6 +166,8 @@ class SyncConfig(BaseModel):
     free_as: Literal["free", "workingElsewhere"] = "free"
     private: bool = False
     category: str | None = Field(default=None, max_length=255)
+    #: per leave type rules, keyed by the events' `account.id`
+    types: dict[str, TypeRule] = Field(default_factory=dict)
     provider_settings: dict[str, Any] = Field(default_factory=dict)
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
 
@@ -120,6 +199,28 @@ class SyncConfig(BaseModel):
             ) from exc
         return value
 
+    @field_validator("types", mode="before")
+    @classmethod
+    def _check_types(cls, value: Any) -> Any:
+        """Keys are leave type ids (`account.id`): YAML numbers become text."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of leave type ids (account.id) to rules")
+        keys: dict[str, Any] = {}
+        for key, rule in value.items():
+            if isinstance(key, bool) or not isinstance(key, str | int):
+                raise ValueError(f"{key!r} is not a leave type id (account.id)")
+            text = str(key)
+            if not text.strip() or len(text) > 500:
+                raise ValueError(f"{text!r} is not a leave type id (1-500 characters)")
+            keys[text] = rule
+        return keys
+
+    @field_serializer("types")
+    def _dump_types(self, types: dict[str, TypeRule]) -> dict[str, dict[str, Any]]:
+        return {key: rule.overrides() for key, rule in types.items()}
+
     @model_validator(mode="after")
     def _known_block_keys(self) -> SyncConfig:
         check_block(self.provider, self.provider_settings, self.secrets)
@@ -134,20 +235,31 @@ class SyncConfig(BaseModel):
         return parse_span(self.afternoon)
 
     def public_dict(self) -> dict[str, Any]:
-        """Everything but secret values (secret names are shown, not values)."""
+        """Everything but secret values (secret names are shown, not values).
+
+        `types` is left out when empty, so configurations stored before it
+        existed compare equal to the same file applied again."""
         data = self.model_dump(exclude={"secrets"})
+        if not self.types:
+            del data["types"]
         data["secrets"] = sorted(self.secrets)
         return data
 
     def render_dict(self) -> dict[str, Any]:
-        """The fields that change how events render (part of the content hash)."""
-        return self.model_dump(
+        """The fields that change how events render (part of the content hash).
+
+        `types` counts only when given, so the render hash of a configuration
+        without type rules is what it was before they existed (no re-render)."""
+        data = self.model_dump(
             include={
                 "hide_labels", "hidden_label", "whole_days_as_timed", "morning",
                 "afternoon", "time_zone", "sync_pending", "busy_as", "free_as",
-                "private", "category", "establishments",
+                "private", "category", "establishments", "types",
             }
         )
+        if not self.types:
+            del data["types"]
+        return data
 
 
 # --- provider blocks -----------------------------------------------------------
@@ -264,6 +376,12 @@ PROVIDER_BLOCKS: dict[str, BlockSpec] = {
         plain={"calendar_id": str, "autodecline": str},
         secrets=frozenset({"service_account"}),
         required=("service_account",),
+    ),
+    # no remote calendar: the worker serves the events as iCalendar feeds
+    "ics": BlockSpec(
+        plain={},
+        hint="an ics configuration has no settings: its feeds are created with "
+        "'absence-sync feed create'",
     ),
 }
 

@@ -27,7 +27,7 @@ import click
 from aiokafka import AIOKafkaProducer
 from cryptography.fernet import Fernet
 
-from consumer import logs, store
+from consumer import caldav_tools, logs, store
 from consumer.config import SyncConfig
 from consumer.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from consumer.intake import ensure_topics
@@ -154,7 +154,7 @@ async def _demo(settings: Settings, radicale: RadicaleServer, password: str, kee
     assert isinstance(caldav, CalDAVProvider)
     try:
         for email in EMPLOYEES:
-            await caldav.ensure_calendar(email)
+            await caldav_tools.ensure_calendar(caldav, email)
         await ensure_topics(settings, settings.kafka_bootstrap_servers)
         events = sample_events(dt.datetime.now(dt.UTC).date())
         producer = AIOKafkaProducer(**client_args(settings, settings.kafka_bootstrap_servers))
@@ -185,7 +185,7 @@ async def _demo(settings: Settings, radicale: RadicaleServer, password: str, kee
                        f" '{settings.dlq_topic}').")
             click.echo("Calendars as read back from the CalDAV server:\n")
             for email in EMPLOYEES:
-                _print_calendar(email, await caldav.list_events(email))
+                _print_calendar(email, await caldav_tools.list_events(caldav, email))
             if keep:
                 port = ports[0] if ports else settings.http_port
                 click.echo("The stack keeps running (Ctrl-C stops it):")

@@ -207,12 +207,15 @@ class Intake:
         metrics: Metrics,
         on_recorded: Callable[[], None] = lambda: None,
         outages: Outages | None = None,
+        recorded: Callable[[list[store.Incoming]], None] = lambda _: None,
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
         self.pool = pool
         self.metrics = metrics
         self.on_recorded = on_recorded
+        #: told the absences of each batch once its recording has committed
+        self.recorded = recorded
         self.outages = outages or Outages(metrics)
         self.batch_lock = asyncio.Lock()
         self.assigned: set[TopicPartition] = set()
@@ -402,7 +405,9 @@ class Intake:
 
     async def _record_all(self, incoming: list[store.Incoming]) -> tuple[int, int]:
         async with self.pool.acquire() as conn, conn.transaction():
-            return await store.record_absences(conn, incoming)
+            counts = await store.record_absences(conn, incoming)
+        self.recorded(incoming)
+        return counts
 
     async def _record_each(self, valid: list[_Valid]) -> tuple[int, int, list[_Dead]]:
         applied = stale = 0

@@ -63,6 +63,8 @@ _PATTERNS: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
      rf"\1\2{REDACTED}"),
     # a JSON Web Token
     (("eyj",), re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    # the token of an iCalendar feed link (the link's only key)
+    (("absfeed_",), re.compile(r"absfeed_[A-Za-z0-9_-]+"), REDACTED),
     # scheme://user:password@host
     (("://",), re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):[^\s/@]*@"),
      rf"\1:{REDACTED}@"),

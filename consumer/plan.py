@@ -1,10 +1,12 @@
 """Planning (docs/rendering.md, docs/guarantees.md): desired vs recorded -> one action.
 
-Pure code. The dispatcher executes the action and records the outcome.
+Pure code. The dispatcher's executor performs the action and records the outcome;
+`plan_batch` plans a whole leased batch in one pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from consumer.render import DesiredEvent
@@ -63,3 +65,11 @@ def plan(desired: DesiredEvent | None, recorded: Recorded, *, force: bool = Fals
     if force or recorded.applied_hash != desired.content_hash():
         return Update(recorded.event_id, desired)
     return Noop()
+
+
+def plan_batch(
+    rows: Iterable[tuple[DesiredEvent | None, Recorded, bool]],
+) -> list[tuple[DesiredEvent | None, Action]]:
+    """`plan` over a batch of (desired, recorded, force) rows, in order; each row
+    comes back with its desired event and its action."""
+    return [(desired, plan(desired, recorded, force=force)) for desired, recorded, force in rows]

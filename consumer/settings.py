@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
     tenant_concurrency: int = Field(default=8, ge=1, le=1000)
-    dispatch_concurrency: int = Field(default=64, ge=1, le=10_000)
+    dispatch_concurrency: int = Field(default=256, ge=1, le=10_000)
     dispatch_poll_seconds: float = Field(default=0.5, gt=0, le=60)
     request_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     lease_seconds: float = Field(default=120.0, gt=0)

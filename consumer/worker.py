@@ -115,7 +115,8 @@ async def run_worker(
         log.warning(warning)
     pool = await store.connect(
         endpoints.dsn,
-        max_size=max(10, settings.dispatch_concurrency // 4),
+        # a batch of work takes a few statements, not one connection per item
+        max_size=max(10, min(32, settings.dispatch_concurrency // 16)),
         command_timeout=settings.database_command_timeout_seconds,
     )
     watching: asyncio.Task[None] | None = None
@@ -135,7 +136,8 @@ async def run_worker(
             provider_factory=provider_factory, context=context, outages=outages,
         )
         intake = Intake(
-            settings, endpoints.bootstrap, pool, metrics, dispatcher.notify, outages=outages
+            settings, endpoints.bootstrap, pool, metrics, dispatcher.notify, outages=outages,
+            recorded=dispatcher.recent.add_all,
         )
         state = WebState(
             metrics, pool, kafka_ready=lambda: bool(intake.assigned), on_change=dispatcher.notify,

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from consumer import caldav_tools
 from consumer.providers.base import ProviderContext
 from consumer.providers.caldav import CalDAVProvider
 from consumer.radicale_server import RadicaleServer
@@ -133,7 +134,7 @@ async def test_sigkill_during_calendar_writes_no_duplicate_no_loss(
     caldav = CalDAVProvider.from_config(config, ProviderContext(settings))
     assert isinstance(caldav, CalDAVProvider)
     for mailbox in MAILBOXES:
-        await caldav.ensure_calendar(mailbox)
+        await caldav_tools.ensure_calendar(caldav, mailbox)
     rng = random.Random(11)
     latest: dict[str, dict[str, Any]] = {}
     chunks: list[list[dict[str, Any]]] = []
@@ -169,7 +170,7 @@ async def test_sigkill_during_calendar_writes_no_duplicate_no_loss(
     }
     found: Counter[tuple[str, str]] = Counter()
     for mailbox in MAILBOXES:
-        for listed in await caldav.list_events(mailbox):
+        for listed in await caldav_tools.list_events(caldav, mailbox):
             assert listed["mark"] is not None
             found[(mailbox, listed["mark"].rsplit(":", 1)[-1])] += 1
     await caldav.close()

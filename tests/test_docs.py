@@ -9,6 +9,7 @@ example events through the event parser, the rendering tables through
 from __future__ import annotations
 
 import ast
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -23,7 +24,7 @@ from consumer import events as events_module
 from consumer.config import PROVIDERS, SyncConfig, load_file
 from consumer.events import Absence, Account, Employee, HalfDay, InvalidEvent, parse_event
 from consumer.providers.base import ERROR_CODES
-from consumer.render import render
+from consumer.render import render, render_team
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -88,7 +89,7 @@ def test_documented_default_is_the_models(name: str) -> None:
         assert not values, f"{name}: no default value, but the doc shows {values}"
     else:
         assert values, f"{name}: the doc does not show the default value"
-        assert yaml.safe_load(values[0]) == field.default
+        assert yaml.safe_load(values[0]) == field.get_default(call_default_factory=True)
 
 
 _BASE_SYNC: dict[str, Any] = {
@@ -148,10 +149,10 @@ def test_configuration_example_loads(
     configs = load_file(path)
     assert len(configs) == len(doc["syncs"])
     if "syncs" not in raw:  # a field's example: the loaded value is the one shown
-        config = configs[0]
+        dumped = configs[0].model_dump()  # leave type rules as a file writes them
         for key, value in raw.items():
             if key in SyncConfig.model_fields:
-                assert getattr(config, key) == value, key
+                assert dumped[key] == value, key
 
 
 def test_the_complete_example_uses_every_provider() -> None:
@@ -351,6 +352,62 @@ def test_timing_table() -> None:
                 dt.datetime.fromisoformat(timed.group(1)),
                 dt.datetime.fromisoformat(timed.group(2)),
             )
+
+
+# --- docs/rendering.md: leave type rules and the team view -------------------------------
+
+
+def _typed(cell: str, **fields: Any) -> SyncConfig:
+    """A configuration whose rule for the example's leave type (`paid-leave`) is `cell`."""
+    rule = yaml.safe_load(cell)
+    assert isinstance(rule, dict), cell
+    return _config(types={"paid-leave": rule}, **fields)
+
+
+def test_types_wanted_table() -> None:
+    for status, pending, rule, holds in _checked_table("types-wanted"):
+        assert holds in ("an event", "no event")
+        event = render(_absence(status=status), _typed(rule, sync_pending=_flag(pending)))
+        assert (event is not None) == (holds == "an event"), (status, pending, rule)
+
+
+def test_types_label_table() -> None:
+    for hide, public, rule, title in _checked_table("types-label"):
+        event = render(_absence(public=_flag(public), name="Training"),
+                       _typed(rule, hide_labels=_flag(hide)))
+        assert event is not None and event.subject == title, (hide, public, rule)
+
+
+def test_types_show_as_table() -> None:
+    for counted, status, rule, default, alternative in _checked_table("types-show-as"):
+        absence = _absence(counted=_flag(counted), status=status)
+        for config, expected in ((_typed(rule), default),
+                                 (_typed(rule, busy_as="oof", free_as="workingElsewhere"),
+                                  alternative)):
+            event = render(absence, config)
+            assert event is not None and event.show_as == expected, (counted, status, rule)
+
+
+def test_types_private_and_category_table() -> None:
+    for private, category, rule, is_private, shown in _checked_table("types-private-category"):
+        fields: dict[str, Any] = {"private": _flag(private)}
+        if category:
+            fields["category"] = category
+        event = render(_absence(), _typed(rule, **fields))
+        assert event is not None, rule
+        assert (event.private, event.category) == (_flag(is_private), shown or None), rule
+
+
+def test_team_table() -> None:
+    for name, hide, status, rule, title, show_as, private in _checked_table("team"):
+        absence = _absence(status=status)
+        assert absence.employee is not None
+        absence = dataclasses.replace(absence, employee=dataclasses.replace(
+            absence.employee, display_name=name or None))
+        event = render_team(absence, _typed(rule, hide_labels=_flag(hide)), "team@acme.com")
+        assert event is not None, rule
+        assert (event.subject, event.show_as, event.private) == (
+            title, show_as, _flag(private)), rule
 
 
 # --- every document -----------------------------------------------------------------

@@ -589,3 +589,45 @@ async def test_sigkill_mid_way_leaves_exactly_one_event_per_absence(e2e: E2E) ->
     # that depends on timing; the exact end state above is what must hold
     del in_doubt
 
+
+
+# ---------------------------------------------------------------- 6. replicas
+
+
+async def test_two_workers_keep_the_mailbox_limit_together(e2e: E2E) -> None:
+    """Graph allows the application 4 requests in flight per mailbox, whichever
+    process sends them: two workers writing the same mailboxes stay within it
+    together (a mailbox is leased to one of them at a time), with no 429."""
+    await e2e.apply(SYNCS)
+    boxes = [e2e.mailbox(f"shared{n}") for n in range(3)]
+    for box in boxes:
+        e2e.graph.latency[box.lower()] = 0.1
+    docs = [
+        absence(f"a-{n:03}", 1, boxes[n % len(boxes)],
+                start=(f"2027-03-{n % 28 + 1:02}", "am"), end=(f"2027-03-{n % 28 + 1:02}", "pm"))
+        for n in range(180)
+    ]
+    await e2e.publish(docs)
+    # enough slots in each worker for 12 requests per mailbox if nothing held them back
+    env = {"ABSENCE_SYNC_TENANT_CONCURRENCY": "64", "ABSENCE_SYNC_DISPATCH_POLL_SECONDS": "0.1"}
+    workers = [e2e.start(**env), e2e.start(**env)]
+    try:
+        await e2e.wait_settled(len(docs), timeout=60)
+    finally:
+        for box in boxes:
+            e2e.graph.latency.pop(box.lower(), None)
+    for worker in workers:
+        await worker.terminate(e2e.shutdown_budget)
+
+    assert e2e.marks(boxes) == {mark(f"a-{n:03}"): 1 for n in range(180)}
+    for box in boxes:
+        assert e2e.graph.max_in_flight[box.lower()] <= 4, box
+    refused = [r for r in e2e.requests(boxes) if r.status == 429]
+    assert refused == [], "Graph refused requests over the mailbox limit"
+    rows = await e2e.items()
+    assert {r["status"] for r in rows.values()} == {"synced"}
+    conn = await asyncpg.connect(e2e.dsn)
+    try:  # the leases of stopped workers are handed back
+        assert await conn.fetchval("SELECT count(*) FROM mailbox_leases") == 0
+    finally:
+        await conn.close()

@@ -228,7 +228,8 @@ GRAPH_ERRORS = [
     (403, "ErrorAccessDenied", None, ACCESS_DENIED, False, None),
     (403, "Authorization_RequestDenied", None, ACCESS_DENIED, False, None),
     (429, "ApplicationThrottled", "1", THROTTLED, True, 1.0),
-    (503, "ServiceUnavailable", "2", PROVIDER_ERROR, True, 2.0),
+    (503, "ServiceUnavailable", "2", THROTTLED, True, 2.0),
+    (503, "ServiceUnavailable", None, PROVIDER_ERROR, True, None),
     (502, "BadGateway", None, PROVIDER_ERROR, True, None),
     (504, "GatewayTimeout", None, PROVIDER_ERROR, True, None),
     (500, "InternalServerError", None, PROVIDER_ERROR, True, None),
@@ -464,7 +465,7 @@ async def test_retry_after_in_batch_sub_response(graph: GraphServer,
     )
     assert isinstance(results[0], ProviderError)
     assert (results[0].code, results[0].retriable, results[0].retry_after) == (
-        PROVIDER_ERROR, True, 1.0
+        THROTTLED, True, 1.0
     )
     assert all(isinstance(r, str) for r in results[1:])
     assert all(r.batched for b in boxes for r in graph.graph_requests(b))

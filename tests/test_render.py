@@ -733,3 +733,36 @@ def test_absence_change_and_content_hash(change: dict[str, Any], changes: bool) 
         assert action == Update("evt-1", new)
     else:
         assert action == Noop()
+
+
+def _reference_hash(event: DesiredEvent) -> str:
+    """The content hash as first defined: SHA-256 of json.dumps of the fields."""
+    import hashlib
+    import json
+
+    doc = {
+        "subject": event.subject, "show_as": event.show_as, "all_day": event.all_day,
+        "start": event.start.isoformat(), "end": event.end.isoformat(),
+        "time_zone": event.time_zone, "private": event.private, "category": event.category,
+        "mark": event.mark.value,
+    }
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+@given(
+    subject=st.text(max_size=40), category=st.none() | st.text(max_size=20),
+    absence_id=st.text(min_size=1, max_size=20), all_day=st.booleans(),
+    private=st.booleans(),
+)
+def test_content_hash_is_unchanged_by_its_fast_spelling(
+    subject: str, category: str | None, absence_id: str, all_day: bool, private: bool
+) -> None:
+    """Hashes recorded by earlier versions must still match: else every event
+    would be rewritten once after an upgrade."""
+    event = DesiredEvent(
+        "a@example.com", subject, "busy", all_day, dt.datetime(2026, 12, 1, 9),
+        dt.datetime(2026, 12, 1, 12, 30), "Europe/Paris", private, category,
+        Mark("cfg:1", absence_id),
+    )
+    assert event.content_hash() == _reference_hash(event)

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from consumer import store
+from consumer import caldav_tools, store
 from consumer.providers.base import ProviderContext
 from consumer.providers.caldav import CalDAVProvider
 from consumer.providers.memory import MemoryCalendar
@@ -46,7 +46,7 @@ async def _caldav(
     caldav = CalDAVProvider.from_config(config, ProviderContext(settings))
     assert isinstance(caldav, CalDAVProvider)
     for mailbox in MAILBOXES:
-        await caldav.ensure_calendar(mailbox)
+        await caldav_tools.ensure_calendar(caldav, mailbox)
     return caldav
 
 
@@ -54,7 +54,7 @@ async def _held(caldav: CalDAVProvider) -> Counter[str]:
     """Absence id -> events of ours in the calendars."""
     found: Counter[str] = Counter()
     for mailbox in MAILBOXES:
-        for listed in await caldav.list_events(mailbox):
+        for listed in await caldav_tools.list_events(caldav, mailbox):
             assert listed["mark"] is not None
             found[listed["mark"].rsplit(":", 1)[-1]] += 1
     return found

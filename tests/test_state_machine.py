@@ -179,9 +179,7 @@ class SyncMachine(RuleBasedStateMachine):
 
     async def _tick(self) -> None:
         await self.dispatcher.tick()
-        tasks = list(self.dispatcher._tasks)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.dispatcher.wait()
 
     async def _drain_all(self) -> None:
         await self.pool.execute("UPDATE sync_items SET next_attempt_at = now()")

@@ -14,6 +14,8 @@ _IMPLEMENTATIONS = {
     "exchange": ("consumer.providers.exchange", "ExchangeProvider"),
     "google": ("consumer.providers.google", "GoogleProvider"),
     "caldav": ("consumer.providers.caldav", "CalDAVProvider"),
+    # no remote calendar: feeds served by the worker (consumer.feeds)
+    "ics": ("consumer.providers.ics", "IcsProvider"),
 }
 
 

@@ -1,21 +1,41 @@
-"""The provider interface and its error vocabulary (docs/guarantees.md,
-'Permanent failures and error codes').
+"""The provider boundary (docs/guarantees.md,
+'Permanent failures and error codes'): the interface, the error
+vocabulary, and the one HTTP layer every HTTP provider builds on.
 
 Every calendar provider implements `Provider`; every failure leaves a
-provider as a `ProviderError` carrying a stable `code`, a human `hint`, a
-`retriable` flag and an optional `retry_after` (seconds) from the server.
-Each provider translates its HTTP statuses and error codes in one place.
+provider as a `ProviderError` carrying a stable `code` (`ErrorCode`), a
+human `hint`, a `retriable` flag and an optional `retry_after` (seconds)
+from the server. What an HTTP provider needs is here, once:
+
+* `https_session`: an aiohttp session with verified TLS (system store plus
+  ABSENCE_SYNC_CA_BUNDLE), the request timeout, and no proxy or CA bundle
+  taken from the environment;
+* `Reply`: a response (or a batch sub-response) as providers read it;
+* `transport_error`: the one mapping of transport failures (TLS, timeouts,
+  connection errors) to the vocabulary; anything it does not know is a bug
+  of ours and stays the exception it is, never a retriable provider error;
+* `status_error`: the one status ladder (401 auth, 403 access, 429 and 503
+  with Retry-After throttled, 5xx and 408 retriable, 400/413/415/422 invalid
+  event, 3xx a redirect to configure), with a hook for a vendor's own
+  error codes and hints;
+* `Batcher`: operations issued together go out in one request of up to N
+  (Graph `$batch`, Google's batch endpoint).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email.utils
+import enum
 import math
 import ssl
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+import aiohttp
 
 from consumer.logs import redact_text
 
@@ -24,20 +44,33 @@ if TYPE_CHECKING:
     from consumer.render import DesiredEvent, Mark
     from consumer.settings import Settings
 
-MAILBOX_NOT_FOUND = "mailbox_not_found"
-ACCESS_DENIED = "access_denied"
-AUTH_FAILED = "auth_failed"
-CONSENT_MISSING = "consent_missing"
-THROTTLED = "throttled"
-SERVER_UNREACHABLE = "server_unreachable"
-TLS_UNTRUSTED_CERTIFICATE = "tls_untrusted_certificate"
-INVALID_EVENT = "invalid_event"
-PROVIDER_ERROR = "provider_error"
 
-ERROR_CODES = (
-    MAILBOX_NOT_FOUND, ACCESS_DENIED, AUTH_FAILED, CONSENT_MISSING, THROTTLED,
-    SERVER_UNREACHABLE, TLS_UNTRUSTED_CERTIFICATE, INVALID_EVENT, PROVIDER_ERROR,
-)
+
+class ErrorCode(enum.StrEnum):
+    """The stable error codes (public: stored, shown by the API, used as metric labels)."""
+
+    MAILBOX_NOT_FOUND = "mailbox_not_found"
+    ACCESS_DENIED = "access_denied"
+    AUTH_FAILED = "auth_failed"
+    CONSENT_MISSING = "consent_missing"
+    THROTTLED = "throttled"
+    SERVER_UNREACHABLE = "server_unreachable"
+    TLS_UNTRUSTED_CERTIFICATE = "tls_untrusted_certificate"
+    INVALID_EVENT = "invalid_event"
+    PROVIDER_ERROR = "provider_error"
+
+
+MAILBOX_NOT_FOUND = ErrorCode.MAILBOX_NOT_FOUND
+ACCESS_DENIED = ErrorCode.ACCESS_DENIED
+AUTH_FAILED = ErrorCode.AUTH_FAILED
+CONSENT_MISSING = ErrorCode.CONSENT_MISSING
+THROTTLED = ErrorCode.THROTTLED
+SERVER_UNREACHABLE = ErrorCode.SERVER_UNREACHABLE
+TLS_UNTRUSTED_CERTIFICATE = ErrorCode.TLS_UNTRUSTED_CERTIFICATE
+INVALID_EVENT = ErrorCode.INVALID_EVENT
+PROVIDER_ERROR = ErrorCode.PROVIDER_ERROR
+
+ERROR_CODES: tuple[str, ...] = tuple(code.value for code in ErrorCode)
 
 DEFAULT_HINTS = {
     MAILBOX_NOT_FOUND: "The employee's address in the HR system may differ from the mailbox.",
@@ -81,7 +114,7 @@ class ProviderError(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: ErrorCode | str,
         message: str,
         *,
         retriable: bool,
@@ -91,8 +124,9 @@ class ProviderError(Exception):
         # stored and shown by the monitoring API, not only logged: no credential a
         # server echoed back (error bodies may quote the request) goes further
         message = redact_text(message)
+        code = ErrorCode(code)
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code: ErrorCode = code
         self.message = message
         self.retriable = retriable
         self.retry_after = retry_after
@@ -120,6 +154,251 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext:
     if settings.ca_bundle is not None:
         context.load_verify_locations(cafile=str(settings.ca_bundle))
     return context
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def https_session(
+    context: ProviderContext,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    connections: int = 100,
+) -> aiohttp.ClientSession:
+    """The HTTP session of an HTTP provider: TLS verified with `context`'s SSL
+    context (system store plus ABSENCE_SYNC_CA_BUNDLE), every request bounded by
+    `timeout` (default: the request timeout setting), at most `connections`
+    connections, and nothing from the environment (no proxy, no CA bundle, no
+    .netrc): a calendar server is reached directly or not at all."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=context.ssl_context, limit=connections),
+        timeout=aiohttp.ClientTimeout(
+            total=timeout if timeout is not None else context.settings.request_timeout_seconds
+        ),
+        headers=dict(headers or {}),
+        trust_env=False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP response, or one sub-response of a batch. Header names are lower
+    case; `body` is the bytes received, or a sub-response's parsed JSON."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any = b""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def retry_after(self) -> float | None:
+        return parse_retry_after(self.headers.get("retry-after"))
+
+    @property
+    def text(self) -> str:
+        """The start of the body as one line, for messages (never all of it)."""
+        body = self.body
+        raw = body[:300].decode("utf-8", "replace") if isinstance(body, bytes) else (
+            body if isinstance(body, str) else ""
+        )
+        return " ".join(raw.split())[:200]
+
+
+async def read_reply(response: aiohttp.ClientResponse) -> Reply:
+    return Reply(response.status, {k.lower(): v for k, v in response.headers.items()},
+                 await response.read())
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def certificate_problem(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a failed certificate verification."""
+    for item in _chain(exc):
+        if isinstance(item, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError):
+            return True
+        text = str(item)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return True
+    return False
+
+
+def transport_error(
+    exc: BaseException, *, where: str, timeout: float | None = None
+) -> ProviderError | None:
+    """The one mapping of transport failures (aiohttp, requests, sockets, TLS) to
+    the vocabulary; `where` names the request (method and URL without
+    credentials). None for anything else: a bug of ours, which the caller lets
+    go as it is."""
+    import requests
+
+    if isinstance(exc, ProviderError):
+        return exc
+    if certificate_problem(exc):
+        return ProviderError(TLS_UNTRUSTED_CERTIFICATE, f"{where}: {_short(exc)}",
+                             retriable=False)
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return ProviderError(
+            SERVER_UNREACHABLE, f"{where}: TLS handshake failed: {_short(exc)}", retriable=True,
+            hint="Check that the URL's host and port serve HTTPS; retried automatically.",
+        )
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError | requests.Timeout):
+        limit = f" after {timeout:g} s" if timeout else ""
+        return ProviderError(SERVER_UNREACHABLE, f"{where}: timed out{limit}", retriable=True)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return ProviderError(PROVIDER_ERROR, f"{where}: invalid URL: {_short(exc)}",
+                             retriable=False, hint="Check the configuration's server URL.")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return ProviderError(PROVIDER_ERROR, f"{where}: malformed response: {_short(exc)}",
+                             retriable=True)
+    if isinstance(exc, aiohttp.ClientError | OSError | requests.RequestException):
+        return ProviderError(SERVER_UNREACHABLE, f"{where}: {type(exc).__name__}: {_short(exc)}",
+                             retriable=True)
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+#: A vendor's reading of a failed reply (its error codes, its hints), consulted
+#: by `status_error` before the default ladder; None leaves the reply to it.
+StatusHook = Callable[[Reply, str], "ProviderError | None"]
+
+
+def status_error(reply: Reply, message: str, vendor: StatusHook | None = None) -> ProviderError:
+    """The one status ladder: a failed `reply` in the error vocabulary. `message`
+    says what failed (request, status, the start of the body).
+
+    429, and 503 with Retry-After, are `throttled` whatever the vendor; then
+    the vendor hook; then 401 auth, 403 access, 408 and 5xx retriable (with
+    the server's Retry-After), 400/413/415/422 invalid event, 3xx a redirect
+    to put in the configuration, anything else a permanent provider error."""
+    status, retry_after = reply.status, reply.retry_after
+    if status == 429 or (status == 503 and retry_after is not None):
+        return ProviderError(THROTTLED, message, retriable=True, retry_after=retry_after)
+    if vendor is not None:
+        answer = vendor(reply, message)
+        if answer is not None:
+            return answer
+    if status == 401:
+        return ProviderError(AUTH_FAILED, message, retriable=False)
+    if status == 403:
+        return ProviderError(ACCESS_DENIED, message, retriable=False)
+    if status == 408 or status >= 500:
+        return ProviderError(PROVIDER_ERROR, message, retriable=True, retry_after=retry_after)
+    if status in (400, 413, 415, 422):
+        return ProviderError(INVALID_EVENT, message, retriable=False)
+    if 300 <= status < 400:
+        location = reply.headers.get("location", "another address")
+        return ProviderError(
+            PROVIDER_ERROR, message, retriable=False,
+            hint=f"The server redirects to {location}: put the final address in the "
+            "configuration.",
+        )
+    return ProviderError(PROVIDER_ERROR, message, retriable=False)
+
+
+Q = TypeVar("Q")
+R = TypeVar("R")
+
+
+class Batcher(Generic[Q, R]):
+    """Requests issued together go out together: whatever is queued after `window`
+    seconds (or at once when `size` are queued) is handed to `send` in groups of
+    up to `size`, each in its own task. `send(group)` returns one result (or
+    exception) per request, in order; a request whose caller gave up meanwhile
+    is dropped before sending (`on_drop` is told). A lone request may be sent
+    on its own by `send` (a batch of one)."""
+
+    def __init__(
+        self,
+        send: Callable[[list[Q]], Awaitable[list[R | BaseException]]],
+        *,
+        size: int,
+        window: float,
+        on_drop: Callable[[Q], None] | None = None,
+    ) -> None:
+        self._send = send
+        self.size = size
+        self.window = window
+        self._on_drop = on_drop
+        self._queue: list[tuple[Q, asyncio.Future[R]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._senders: set[asyncio.Task[None]] = set()
+
+    def submit(self, request: Q) -> asyncio.Future[R]:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        if len(self._queue) >= self.size:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.window, self.flush)
+        return future
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue:
+            group: list[tuple[Q, asyncio.Future[R]]] = []
+            while self._queue and len(group) < self.size:
+                request, future = self._queue.pop(0)
+                if future.done():  # the caller gave up while it was queued
+                    if self._on_drop is not None:
+                        self._on_drop(request)
+                else:
+                    group.append((request, future))
+            if group:
+                task = asyncio.get_running_loop().create_task(self._deliver(group))
+                self._senders.add(task)
+                task.add_done_callback(self._senders.discard)
+
+    async def _deliver(self, group: list[tuple[Q, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._send([request for request, _ in group])
+        except BaseException as exc:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else ProviderError(
+                        PROVIDER_ERROR, "the request was cancelled", retriable=True))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(group, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def close(self, error: ProviderError) -> None:
+        """Fail what is queued with `error` and cancel what is being sent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queued, self._queue = self._queue, []
+        for request, future in queued:
+            if not future.done():
+                future.set_exception(error)
+            if self._on_drop is not None:
+                self._on_drop(request)
+        for task in list(self._senders):
+            task.cancel()
+        if self._senders:
+            await asyncio.gather(*self._senders, return_exceptions=True)
 
 
 class Provider(ABC):

@@ -133,7 +133,10 @@ from consumer.providers.base import (
     Provider,
     ProviderContext,
     ProviderError,
+    Reply,
+    certificate_problem,
     parse_retry_after,
+    status_error,
 )
 
 if TYPE_CHECKING:
@@ -235,12 +238,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _cert_problem(chain: Sequence[BaseException]) -> bool:
-    for exc in chain:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return True
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
-            return True
-    return False
+    return any(certificate_problem(exc) for exc in chain[:1])
 
 
 def _reraised(exc: BaseException) -> bool:
@@ -438,38 +436,48 @@ def translate_error(exc: BaseException, where: _Where) -> ProviderError:
 
 
 def _http_error(error: HttpStatusError, where: _Where, prefix: str) -> ProviderError:
-    status, detail = error.status, f"{prefix}{error}"
-    if status == 401:
-        hint = _hint_auth(where, locked_out=error.locked_out)
-        if where.auth == NTLM and "basic" in error.offered and "ntlm" not in error.offered:
-            hint += " The server offers basic authentication only: set exchange.auth: basic."
-        if where.auth == BASIC and "basic" not in error.offered and "ntlm" in error.offered:
-            hint += " The server does not offer basic authentication: set exchange.auth: ntlm."
-        return ProviderError(AUTH_FAILED, detail, retriable=False, hint=hint)
-    if status == 403:
-        return ProviderError(
-            ACCESS_DENIED, detail, retriable=False,
-            hint=f"{where.host} forbids EWS to the service account {where.username}: check that "
-            "EWS is enabled for it (Set-CASMailbox -EwsEnabled $true), that no EWS application "
-            "access policy blocks this client, and the virtual directory's SSL and IP "
-            "restrictions.",
-        )
-    if status == 429:
-        return ProviderError(THROTTLED, detail, retriable=True, retry_after=error.retry_after)
-    if status in (301, 302, 303, 307, 308):
-        if "genericerrorpage" in error.location.lower():  # IIS's answer to a transient failure
-            return ProviderError(PROVIDER_ERROR, detail, retriable=True)
-        return ProviderError(PROVIDER_ERROR, detail, retriable=False, hint=_hint_url(
-            where, f"{where.host} redirected the request to {error.location or 'elsewhere'}."))
-    if status in (404, 405):
-        return ProviderError(PROVIDER_ERROR, detail, retriable=False, hint=_hint_url(
-            where, f"{where.host} has no EWS endpoint at this path (HTTP {status})."))
-    if status >= 500 or status in (408, 409, 423):
-        return ProviderError(
-            PROVIDER_ERROR, detail, retriable=True, retry_after=error.retry_after,
-            hint=f"{where.host} failed (HTTP {status}); retried automatically.",
-        )
-    return ProviderError(PROVIDER_ERROR, detail, retriable=False)
+    """An HTTP answer without a SOAP message, through the boundary's status ladder
+    (429, and 503 with Retry-After, are throttled there) with Exchange's hints."""
+    headers = {"location": error.location}
+    if error.retry_after is not None:
+        headers["retry-after"] = f"{error.retry_after:g}"
+    reply = Reply(error.status, headers)
+
+    def exchange_statuses(reply: Reply, detail: str) -> ProviderError | None:
+        status = reply.status
+        if status == 401:
+            hint = _hint_auth(where, locked_out=error.locked_out)
+            if where.auth == NTLM and "basic" in error.offered and "ntlm" not in error.offered:
+                hint += " The server offers basic authentication only: set exchange.auth: basic."
+            if where.auth == BASIC and "basic" not in error.offered and "ntlm" in error.offered:
+                hint += " The server does not offer basic authentication: set exchange.auth: ntlm."
+            return ProviderError(AUTH_FAILED, detail, retriable=False, hint=hint)
+        if status == 403:
+            return ProviderError(
+                ACCESS_DENIED, detail, retriable=False,
+                hint=f"{where.host} forbids EWS to the service account {where.username}: check "
+                "that EWS is enabled for it (Set-CASMailbox -EwsEnabled $true), that no EWS "
+                "application access policy blocks this client, and the virtual directory's "
+                "SSL and IP restrictions.",
+            )
+        if status in (301, 302, 303, 307, 308):
+            if "genericerrorpage" in error.location.lower():  # IIS's answer to a transient failure
+                return ProviderError(PROVIDER_ERROR, detail, retriable=True)
+            return ProviderError(PROVIDER_ERROR, detail, retriable=False, hint=_hint_url(
+                where, f"{where.host} redirected the request to {error.location or 'elsewhere'}."))
+        if status in (404, 405):
+            return ProviderError(PROVIDER_ERROR, detail, retriable=False, hint=_hint_url(
+                where, f"{where.host} has no EWS endpoint at this path (HTTP {status})."))
+        if status >= 500 or status in (408, 409, 423):
+            return ProviderError(
+                PROVIDER_ERROR, detail, retriable=True, retry_after=error.retry_after,
+                hint=f"{where.host} failed (HTTP {status}); retried automatically.",
+            )
+        if status in (400, 413, 415, 422):  # not about an event: EWS says that in SOAP
+            return ProviderError(PROVIDER_ERROR, detail, retriable=False)
+        return None
+
+    return status_error(reply, f"{prefix}{error}", exchange_statuses)
 
 
 def _short(exc: BaseException) -> str:

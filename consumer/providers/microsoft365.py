@@ -62,15 +62,21 @@ from consumer.providers.base import (
     INVALID_EVENT,
     MAILBOX_NOT_FOUND,
     PROVIDER_ERROR,
-    SERVER_UNREACHABLE,
     THROTTLED,
-    TLS_UNTRUSTED_CERTIFICATE,
+    Batcher,
     EventGone,
     Provider,
     ProviderContext,
     ProviderError,
+    Reply,
+    https_session,
     parse_retry_after,
+    status_error,
+    transport_error,
 )
+
+__all__ = ["Microsoft365Provider", "consent_url", "graph_scope", "graph_transaction_id",
+           "parse_retry_after", "translate_error"]
 
 if TYPE_CHECKING:
     from consumer.config import SyncConfig
@@ -227,17 +233,11 @@ async def confirm_consent(settings: Settings, ssl_context: ssl.SSLContext, direc
 
 
 @dataclass(frozen=True, slots=True)
-class GraphReply:
-    """A Graph response or `$batch` sub-response. Header names are lower-case."""
+class GraphReply(Reply):
+    """A Graph response or `$batch` sub-response (the boundary's `Reply`), its body
+    parsed, with the token it was sent with."""
 
-    status: int
-    headers: Mapping[str, str]
-    body: Any
     token: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
 
     @property
     def error_code(self) -> str:
@@ -250,10 +250,6 @@ class GraphReply:
         if isinstance(error, dict):
             return str(error.get("message", ""))[:500]
         return self.body[:200] if isinstance(self.body, str) else ""
-
-    @property
-    def retry_after(self) -> float | None:
-        return parse_retry_after(self.headers.get("retry-after"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,42 +272,20 @@ class TokenFailure:
 Problem = GraphReply | TokenFailure | BaseException
 
 
-def _cert_problem(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(
-            current, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError
-        ):
-            return True
-        if "CERTIFICATE_VERIFY_FAILED" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
 def translate_error(problem: Problem, *, mailbox: str | None = None,
                     config_id: str = "CONFIG_ID") -> ProviderError:
-    """The one place where Graph, login and transport failures become `ProviderError`s."""
+    """The one place where Graph, login and transport failures become `ProviderError`s:
+    Graph replies through the boundary's status ladder with Graph's codes as its
+    vendor hook, transport failures through the boundary's mapping. An exception
+    the boundary does not know (a bug of ours) is raised as it is."""
     if isinstance(problem, GraphReply):
         return _graph_error(problem, mailbox, config_id)
     if isinstance(problem, TokenFailure):
         return _token_error(problem, config_id)
-    exc = problem
-    if isinstance(exc, ProviderError):
-        return exc
-    if _cert_problem(exc):
-        return ProviderError(
-            TLS_UNTRUSTED_CERTIFICATE, f"certificate verification failed: {exc}", retriable=False
-        )
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError | requests.Timeout):
-        return ProviderError(SERVER_UNREACHABLE, "the request timed out", retriable=True)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return ProviderError(PROVIDER_ERROR, f"malformed response: {exc}", retriable=True)
-    if isinstance(exc, aiohttp.ClientError | OSError | requests.RequestException):
-        return ProviderError(SERVER_UNREACHABLE, f"{type(exc).__name__}: {exc}", retriable=True)
-    return ProviderError(PROVIDER_ERROR, f"{type(exc).__name__}: {exc}", retriable=True)
+    error = transport_error(problem, where="Microsoft Graph")
+    if error is None:
+        raise problem
+    return error
 
 
 def _graph_error(reply: GraphReply, mailbox: str | None, config_id: str) -> ProviderError:
@@ -319,29 +293,34 @@ def _graph_error(reply: GraphReply, mailbox: str | None, config_id: str) -> Prov
     detail = f"HTTP {status} {code}: {reply.error_message}".rstrip(": ")
     if mailbox:
         detail = f"{mailbox}: {detail}"
-    retry_after = reply.retry_after
-    if code in _ITEM_GONE_CODES:
-        return EventGone(detail)
-    if code in _MAILBOX_MISSING_CODES:
-        # the monitoring view shows the hint per absence: name the address that failed
-        hint = f"Microsoft Graph found no usable mailbox at {mailbox}. " if mailbox else ""
-        return ProviderError(MAILBOX_NOT_FOUND, detail, retriable=False,
-                             hint=hint + _HINT_MAILBOX)
-    if status == 429:
-        return ProviderError(THROTTLED, detail, retriable=True, retry_after=retry_after)
-    if status == 401:
-        return ProviderError(
-            AUTH_FAILED, detail, retriable=False,
-            hint="Microsoft Graph rejected a fresh access token: " + _HINT_CLIENT,
-        )
-    if status == 403:
-        hint = f"Writing to {mailbox} was refused. " if mailbox else ""
-        return ProviderError(ACCESS_DENIED, detail, retriable=False, hint=hint + _HINT_ACCESS)
-    if status in (400, 413, 422) or "TimeZone" in code:
-        return ProviderError(INVALID_EVENT, detail, retriable=False)
-    if status >= 500 or status in (408, 409, 412, 423):
-        return ProviderError(PROVIDER_ERROR, detail, retriable=True, retry_after=retry_after)
-    return ProviderError(PROVIDER_ERROR, detail, retriable=False)
+
+    def graph_codes(reply: Reply, message: str) -> ProviderError | None:
+        if code in _ITEM_GONE_CODES:
+            return EventGone(message)
+        if code in _MAILBOX_MISSING_CODES:
+            # the monitoring view shows the hint per absence: name the address that failed
+            hint = f"Microsoft Graph found no usable mailbox at {mailbox}. " if mailbox else ""
+            return ProviderError(MAILBOX_NOT_FOUND, message, retriable=False,
+                                 hint=hint + _HINT_MAILBOX)
+        if status == 401:
+            return ProviderError(
+                AUTH_FAILED, message, retriable=False,
+                hint="Microsoft Graph rejected a fresh access token: " + _HINT_CLIENT,
+            )
+        if status == 403:
+            hint = f"Writing to {mailbox} was refused. " if mailbox else ""
+            return ProviderError(ACCESS_DENIED, message, retriable=False,
+                                 hint=hint + _HINT_ACCESS)
+        if "TimeZone" in code:
+            return ProviderError(INVALID_EVENT, message, retriable=False)
+        if status in (409, 412, 423):  # conflicts and locks pass
+            return ProviderError(PROVIDER_ERROR, message, retriable=True,
+                                 retry_after=reply.retry_after)
+        if status == 415:
+            return ProviderError(PROVIDER_ERROR, message, retriable=False)
+        return None
+
+    return status_error(reply, detail, graph_codes)
 
 
 def _token_error(failure: TokenFailure, config_id: str) -> ProviderError:
@@ -366,6 +345,18 @@ def _token_error(failure: TokenFailure, config_id: str) -> ProviderError:
     if error in ("temporarily_unavailable", "server_error", "http_error"):
         return ProviderError(PROVIDER_ERROR, detail, retriable=True)
     return ProviderError(AUTH_FAILED, detail, retriable=False, hint=_HINT_CLIENT)
+
+
+def _token_exception(exc: Exception, config_id: str) -> ProviderError:
+    """What MSAL raised while acquiring a token, in the vocabulary: its own service
+    errors (an HTTP failure of the login host) as the token endpoint's answer."""
+    from msal.exceptions import MsalServiceError
+
+    if isinstance(exc, MsalServiceError):
+        error = getattr(exc, "_error", None) or "http_error"
+        description = getattr(exc, "_error_description", None) or str(exc)
+        return _token_error(TokenFailure(str(error), str(description)), config_id)
+    return translate_error(exc, config_id=config_id)
 
 
 def _copy(error: ProviderError, retry_after: float | None = None) -> ProviderError:
@@ -462,7 +453,7 @@ class _Tokens:
                 self._remember(exc)
                 raise
             except Exception as exc:
-                error = translate_error(exc, config_id=self.config_id)
+                error = _token_exception(exc, self.config_id)
                 self._remember(error)
                 raise error from exc
             if not isinstance(result, dict) or "access_token" not in result:
@@ -589,7 +580,6 @@ class _Pending:
     method: str
     path: str
     body: dict[str, Any] | None
-    future: asyncio.Future[GraphReply]
     release_slot: Callable[[], None]
     released: bool = False
 
@@ -597,14 +587,6 @@ class _Pending:
         if not self.released:
             self.released = True
             self.release_slot()
-
-    def resolve(self, reply: GraphReply) -> None:
-        if not self.future.done():
-            self.future.set_result(reply)
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
 
 
 @dataclass
@@ -687,9 +669,9 @@ class Microsoft365Provider(Provider):
         self._http: aiohttp.ClientSession | None = None
         self._tenant_key = (tenant_id or "").casefold()
         self._shared: _Limits | None = None
-        self._queue: list[_Pending] = []
-        self._flush_handle: asyncio.TimerHandle | None = None
-        self._senders: set[asyncio.Task[None]] = set()
+        self._batcher: Batcher[_Pending, GraphReply] = Batcher(
+            self._send, size=MAX_BATCH, window=self.batch_window, on_drop=_Pending.release
+        )
         self._closed = False
 
     @classmethod
@@ -750,18 +732,9 @@ class Microsoft365Provider(Provider):
 
     async def close(self) -> None:
         self._closed = True
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        closing = ProviderError(PROVIDER_ERROR, "the provider was closed", retriable=True)
-        for item in self._queue:
-            item.fail(_copy(closing))
-            item.release()
-        self._queue.clear()
-        for task in list(self._senders):
-            task.cancel()
-        if self._senders:
-            await asyncio.gather(*self._senders, return_exceptions=True)
+        await self._batcher.close(
+            ProviderError(PROVIDER_ERROR, "the provider was closed", retriable=True)
+        )
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -822,11 +795,9 @@ class Microsoft365Provider(Provider):
             if self._blocked_until(key) > loop.time():
                 slots.release(key)
                 continue
-            item = _Pending(key, method, path, body, loop.create_future(),
-                            functools.partial(slots.release, key))
-            self._enqueue(item)
+            item = _Pending(key, method, path, body, functools.partial(slots.release, key))
             try:
-                return await item.future
+                return await self._batcher.submit(item)
             except _Requeue:
                 continue
 
@@ -878,67 +849,39 @@ class Microsoft365Provider(Provider):
 
     # --------------------------------------------------------------- batching
 
-    def _enqueue(self, item: _Pending) -> None:
-        self._queue.append(item)
-        if len(self._queue) >= MAX_BATCH:
-            self._flush()
-        elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(
-                self.batch_window, self._flush
-            )
-
-    def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        while self._queue:
-            group: list[_Pending] = []
-            while self._queue and len(group) < MAX_BATCH:
-                item = self._queue.pop(0)
-                if item.future.done():  # the caller gave up while it was queued
-                    item.release()
-                else:
-                    group.append(item)
-            if group:
-                task = asyncio.get_running_loop().create_task(self._send(group))
-                self._senders.add(task)
-                task.add_done_callback(self._senders.discard)
-
-    async def _send(self, group: list[_Pending]) -> None:
+    async def _send(self, group: list[_Pending]) -> list[GraphReply | BaseException]:
+        """One request for `group` (unbatched when alone, else one `$batch`): a reply
+        or an error per item, in order; every slot given back."""
+        results: dict[int, GraphReply | BaseException] = {}
         try:
             loop = asyncio.get_running_loop()
             ready: list[_Pending] = []
             for item in group:
                 if self._blocked_until(item.key) > loop.time():
-                    item.fail(_Requeue())
-                    item.release()
+                    results[id(item)] = _Requeue()
                 else:
                     ready.append(item)
-            if not ready:
-                return
-            try:
-                token = await self._tokens.get()
-                if len(ready) == 1:
-                    only = ready[0]
-                    reply = await self._request(only.method, only.path, only.body, token)
-                    self._throttled(only.key, reply)
-                    only.resolve(reply)
-                else:
-                    await self._batch(ready, token)
-            except Exception as exc:  # noqa: BLE001 - every failure goes to the callers
-                error = translate_error(exc, config_id=self.config_id)
-                for item in ready:
-                    item.fail(_copy(error))
-        except asyncio.CancelledError:
-            for item in group:
-                item.fail(ProviderError(PROVIDER_ERROR, "the request was cancelled",
-                                        retriable=True))
-            raise
+            if ready:
+                try:
+                    token = await self._tokens.get()
+                    if len(ready) == 1:
+                        only = ready[0]
+                        reply = await self._request(only.method, only.path, only.body, token)
+                        self._throttled(only.key, reply)
+                        results[id(only)] = reply
+                    else:
+                        results.update(await self._batch(ready, token))
+                except (aiohttp.ClientError, OSError, TimeoutError, ProviderError) as exc:
+                    error = translate_error(exc, config_id=self.config_id)
+                    for item in ready:
+                        results[id(item)] = _copy(error)
         finally:
             for item in group:
                 item.release()
+        return [results[id(item)] for item in group]
 
-    async def _batch(self, items: list[_Pending], token: str) -> None:
+    async def _batch(self, items: list[_Pending], token: str
+                     ) -> dict[int, GraphReply | BaseException]:
         requests_: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             sub: dict[str, Any] = {"id": str(index), "method": item.method, "url": item.path}
@@ -950,20 +893,19 @@ class Microsoft365Provider(Provider):
         if not envelope.ok:
             if items:
                 self._throttled(items[0].key, envelope, envelope=True)
-            for item in items:
-                item.resolve(envelope)
-            return
+            return {id(item): envelope for item in items}
         responses = envelope.body.get("responses") if isinstance(envelope.body, dict) else None
         by_id: dict[str, Any] = {}
         for response in responses if isinstance(responses, list) else []:
             if isinstance(response, dict):
                 by_id[str(response.get("id"))] = response
-        replies: list[tuple[_Pending, GraphReply]] = []
+        results: dict[int, GraphReply | BaseException] = {}
         for index, item in enumerate(items):
             raw = by_id.get(str(index))
             if raw is None:
-                item.fail(ProviderError(PROVIDER_ERROR, "$batch response lacks a sub-response",
-                                        retriable=True))
+                results[id(item)] = ProviderError(
+                    PROVIDER_ERROR, "$batch response lacks a sub-response", retriable=True
+                )
                 continue
             headers = raw.get("headers") if isinstance(raw.get("headers"), dict) else {}
             reply = GraphReply(
@@ -973,16 +915,13 @@ class Microsoft365Provider(Provider):
                 token,
             )
             self._throttled(item.key, reply)
-            replies.append((item, reply))
-        for item, reply in replies:
-            item.resolve(reply)
+            results[id(item)] = reply
+        return results
 
     async def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl_context),
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                trust_env=False,
+            self._http = https_session(
+                ProviderContext(self.settings, self._ssl_context), timeout=self.timeout
             )
         return self._http
 

@@ -8,6 +8,7 @@ applied under an advisory lock, so several replicas may start at once.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import json
@@ -17,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
+import orjson
 
 from consumer.config import SyncConfig
 from consumer.errors import Unreachable, dsn_address
@@ -407,7 +409,7 @@ async def sample_mailbox(pool: asyncpg.Pool, config_id: str) -> str | None:
 
 
 async def set_paused(pool: asyncpg.Pool, config_id: str, paused: bool) -> StoredConfig | None:
-    """Pause or resume a configuration (see `_NOT_PAUSED`); None when there is no
+    """Pause or resume a configuration (see `CONFIG_FILTERS`); None when there is no
     such configuration. Not a configuration change: the revision stays and
     nothing is re-queued, so resuming writes exactly the backlog."""
     row = await pool.fetchrow(
@@ -528,13 +530,13 @@ class Incoming:
 
 _RECORD = """
 WITH incoming AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::boolean[], $5::text[],
-                         $6::timestamptz[], $7::date[], $8::text[])
-        AS t(tenant, id, version, deleted, data, event_time, end_date, establishment_id)
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS t(tenant text, id text, version bigint, deleted boolean, data jsonb,
+             event_time timestamptz, end_date date, establishment_id text)
 ), up AS (
     INSERT INTO absences AS a (tenant, id, version, deleted, data, event_time, end_date,
                                establishment_id)
-    SELECT tenant, id, version, deleted, data::jsonb, event_time, end_date, establishment_id
+    SELECT tenant, id, version, deleted, data, event_time, end_date, establishment_id
     FROM incoming
     ON CONFLICT (tenant, id) DO UPDATE SET
         version = EXCLUDED.version, deleted = EXCLUDED.deleted, data = EXCLUDED.data,
@@ -558,6 +560,47 @@ SELECT (SELECT count(*) FROM up) AS applied, (SELECT count(*) FROM marked) AS ma
 """
 
 
+def _json_default(value: Any) -> str:
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _json_text(value: Any) -> str:
+    """`value` as JSON text, for a `jsonb` parameter (one parameter for a batch of
+    rows costs far less to send than an array per column): orjson's, or the
+    standard library's for what orjson refuses (an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, default=_json_default)
+
+
+class RecentAbsences:
+    """The absences one process recorded last in one database, by (tenant, id,
+    version, deleted): a version never changes once recorded, so the dispatcher
+    leasing their items need not read, parse and check the stored JSON again.
+    Bounded (least recent out). Fill it only after the recording committed."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[tuple[str, str, int, bool], Absence] = (
+            collections.OrderedDict()
+        )
+
+    def add_all(self, batch: Sequence[Incoming]) -> None:
+        for item in batch:
+            absence = item.absence
+            key = (absence.tenant, absence.id, absence.version, absence.deleted)
+            self._entries[key] = absence
+            self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def get(self, key: tuple[str, str, int, bool]) -> Absence | None:
+        return self._entries.get(key)
+
+
 async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -> tuple[int, int]:
     """Upsert the latest state of absences where newer, mark affected pairs pending.
 
@@ -571,23 +614,26 @@ async def record_absences(conn: asyncpg.Connection, batch: Sequence[Incoming]) -
     rows = list(latest.values())
     if not rows:
         return 0, len(batch)
-    record = await conn.fetchrow(
-        _RECORD,
-        [r.absence.tenant for r in rows],
-        [r.absence.id for r in rows],
-        [r.absence.version for r in rows],
-        [r.absence.deleted for r in rows],
-        [json.dumps(r.data) for r in rows],
-        [r.event_time for r in rows],
-        [r.absence.end.date if r.absence.end else None for r in rows],
-        [r.absence.employee.establishment_id if r.absence.employee else None for r in rows],
-    )
+    record = await conn.fetchrow(_RECORD, _json_text([
+        {
+            "tenant": r.absence.tenant, "id": r.absence.id, "version": r.absence.version,
+            "deleted": r.absence.deleted, "data": r.data, "event_time": r.event_time,
+            "end_date": r.absence.end.date if r.absence.end else None,
+            "establishment_id": (
+                r.absence.employee.establishment_id if r.absence.employee else None
+            ),
+        }
+        for r in rows
+    ]))
     assert record is not None
     applied = int(record["applied"])
     return applied, len(batch) - applied
 
 
 # --- dispatch ---------------------------------------------------------------
+#
+# The dispatcher (consumer/dispatch) leases due items in batches, and records
+# a batch's intents in one statement and its outcomes in one statement.
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,6 +653,14 @@ class Claimed:
     pending_since: dt.datetime
     event_time: dt.datetime | None
     absence: Absence
+    #: the configuration's revision when the item was leased
+    config_revision: int = 0
+
+    @property
+    def in_doubt(self) -> bool:
+        """A create was sent and its outcome was never recorded (a crash, or a
+        failure that may have stored it): look for its mark before writing."""
+        return self.intent == "create" and self.event_id is None and bool(self.mailbox)
 
 
 _DUE = (
@@ -614,13 +668,25 @@ _DUE = (
     " AND (s.lease_until IS NULL OR s.lease_until < now())"
 )
 
+#: Every rule deciding whether an item may be leased lives here: rules on the
+#: item (`s`, sync_items) and rules on its configuration (`c`, sync_configs,
+#: e.g. `NOT c.paused`). The scan stays in due order on the index either way.
+ITEM_FILTERS: tuple[str, ...] = (_DUE,)
 #: THE PAUSE FILTER (`absence-sync config pause`): the items of a paused
 #: configuration stay pending (intake keeps marking them) and are not claimed,
 #: so nothing is written until `config resume`; a purge still deletes its events.
-_NOT_PAUSED = (
-    "NOT EXISTS (SELECT 1 FROM sync_configs p WHERE p.id = s.config_id"
-    " AND p.paused_at IS NOT NULL AND p.purge_requested_at IS NULL)"
-)
+CONFIG_FILTERS: tuple[str, ...] = ("(c.paused_at IS NULL OR c.purge_requested_at IS NOT NULL)",)
+
+
+def _claim_filters() -> str:
+    rules = list(ITEM_FILTERS)
+    if CONFIG_FILTERS:
+        rules.append(
+            "EXISTS (SELECT 1 FROM sync_configs c WHERE c.id = s.config_id AND "
+            + " AND ".join(CONFIG_FILTERS) + ")"
+        )
+    return " AND ".join(rules)
+
 
 _CLAIM = f"""
 WITH oldest AS (
@@ -628,30 +694,34 @@ WITH oldest AS (
     -- are skipped, so another tenant's backlog never hides this one's work
     SELECT s.config_id, s.absence_id, s.tenant, s.next_attempt_at
     FROM sync_items s
-    WHERE {_DUE} AND NOT (s.tenant = ANY($2::text[]))
-      AND {_NOT_PAUSED}
+    WHERE {_claim_filters()} AND NOT (s.tenant = ANY($2::text[]))
     ORDER BY s.next_attempt_at
-    LIMIT $1 * 8
+    LIMIT $1 * 4
 ), candidates AS (
-    SELECT config_id, absence_id, next_attempt_at FROM (
-        SELECT o.config_id, o.absence_id, o.next_attempt_at,
-               row_number() OVER (PARTITION BY o.tenant ORDER BY o.next_attempt_at) AS rn
+    -- tenants take turns (each one's oldest, then each one's second...), so a
+    -- large backlog shares the batch with the small ones and fills it alone
+    SELECT r.config_id, r.absence_id FROM (
+        SELECT o.*, row_number() OVER (PARTITION BY o.tenant ORDER BY o.next_attempt_at) AS rn
         FROM oldest o
-    ) ranked
-    WHERE rn <= $3
-    ORDER BY next_attempt_at
+    ) r
+    ORDER BY r.rn, r.next_attempt_at
     LIMIT $1
 ), locked AS (
-    SELECT s.config_id, s.absence_id FROM sync_items s
-    JOIN candidates c USING (config_id, absence_id)
-    WHERE {_DUE}
-    FOR UPDATE OF s SKIP LOCKED
+    -- each candidate by its key, still due and not leased meanwhile
+    SELECT l.config_id, l.absence_id FROM candidates c, LATERAL (
+        SELECT s.config_id, s.absence_id FROM sync_items s
+        WHERE s.config_id = c.config_id AND s.absence_id = c.absence_id AND {_DUE}
+        FOR UPDATE SKIP LOCKED
+    ) l
 )
-UPDATE sync_items s SET lease_until = now() + make_interval(secs => $4)
+UPDATE sync_items s SET lease_until = now() + make_interval(secs => $3), lease_owner = $4
 FROM locked, absences a
 WHERE s.config_id = locked.config_id AND s.absence_id = locked.absence_id
   AND a.tenant = s.tenant AND a.id = s.absence_id
-RETURNING s.*, a.deleted AS a_deleted, a.data AS a_data
+RETURNING s.config_id, s.tenant, s.absence_id, s.change_seq, s.force, s.event_id, s.mailbox,
+    s.applied_hash, s.generation, s.intent, s.attempts, s.first_failure_at, s.pending_since,
+    s.event_time, a.deleted AS a_deleted, a.version AS a_version,
+    (SELECT c.revision FROM sync_configs c WHERE c.id = s.config_id) AS config_revision
 """
 
 
@@ -659,43 +729,62 @@ async def claim(
     pool: asyncpg.Pool,
     *,
     limit: int,
-    per_tenant: int,
     busy_tenants: Sequence[str],
     lease_seconds: float,
+    owner: str,
+    recent: RecentAbsences | None = None,
 ) -> list[Claimed]:
-    """Lease due items; several replicas never lease the same item.
+    """Lease up to `limit` due items for `owner`, tenants taking turns; several
+    replicas never lease the same item. Items of `busy_tenants` (at their limit)
+    are left alone. The absences found in `recent` are taken from there.
 
     An item whose recorded absence no longer passes validation (say its time
     zone left the zone database) is marked failed with `invalid_event` here,
     instead of being leased again and again."""
-    rows = await pool.fetch(_CLAIM, limit, list(busy_tenants), per_tenant, lease_seconds)
+    async with pool.acquire() as conn, conn.transaction():
+        # the scan must follow the due index and stop early: a generic plan of
+        # this prepared statement, or statistics that lag a burst (a resync, a
+        # morning), would read every due row and sort them, for each claim
+        await conn.execute(
+            "SELECT set_config('plan_cache_mode', 'force_custom_plan', true),"
+            " set_config('enable_bitmapscan', 'off', true),"
+            " set_config('enable_seqscan', 'off', true)"
+        )
+        rows = await conn.fetch(_CLAIM, limit, list(busy_tenants), lease_seconds, owner)
+        known = {
+            (r["tenant"], r["absence_id"]): recent.get(
+                (r["tenant"], r["absence_id"], r["a_version"], r["a_deleted"])
+            ) if recent is not None else None
+            for r in rows
+        }
+        # the absences this process did not record itself: their stored JSON, read and
+        # checked again (the zone database may have changed since)
+        unknown = [key for key, absence in known.items() if absence is None]
+        data = {
+            (d["tenant"], d["id"]): d["data"] for d in await conn.fetch(
+                "SELECT a.tenant, a.id, a.data::text AS data FROM absences a"
+                " JOIN unnest($1::text[], $2::text[]) AS k(tenant, id)"
+                " ON a.tenant = k.tenant AND a.id = k.id",
+                [k[0] for k in unknown], [k[1] for k in unknown],
+            )
+        } if unknown else {}
     claimed: list[Claimed] = []
     broken: list[asyncpg.Record] = []
     for r in rows:
-        try:
-            absence = absence_from_data(r["tenant"], r["a_deleted"], json.loads(r["a_data"]))
-        except (InvalidEvent, ValueError, OverflowError, KeyError, TypeError):
-            broken.append(r)
-            continue
-        claimed.append(
-            Claimed(
-                config_id=r["config_id"],
-                tenant=r["tenant"],
-                absence_id=r["absence_id"],
-                change_seq=r["change_seq"],
-                force=r["force"],
-                event_id=r["event_id"],
-                mailbox=r["mailbox"],
-                applied_hash=r["applied_hash"],
-                generation=r["generation"],
-                intent=r["intent"],
-                attempts=r["attempts"],
-                first_failure_at=r["first_failure_at"],
-                pending_since=r["pending_since"],
-                event_time=r["event_time"],
-                absence=absence,
-            )
-        )
+        key = (r["tenant"], r["absence_id"])
+        absence = known[key]
+        if absence is None:
+            try:
+                absence = absence_from_data(r["tenant"], r["a_deleted"], orjson.loads(data[key]))
+            except (InvalidEvent, ValueError, OverflowError, KeyError, TypeError):
+                broken.append(r)
+                continue
+        claimed.append(Claimed(
+            r["config_id"], r["tenant"], r["absence_id"], r["change_seq"], r["force"],
+            r["event_id"], r["mailbox"], r["applied_hash"], r["generation"], r["intent"],
+            r["attempts"], r["first_failure_at"], r["pending_since"], r["event_time"], absence,
+            r["config_revision"],
+        ))
     if broken:
         await _fail_unreadable(pool, broken)
     return claimed
@@ -705,7 +794,8 @@ async def _fail_unreadable(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -
     await pool.execute(
         "UPDATE sync_items s SET done_seq = GREATEST(s.done_seq, i.seq), status ="
         " CASE WHEN s.change_seq > i.seq THEN 'pending' ELSE 'failed' END,"
-        " attempts = s.attempts + 1, lease_until = NULL, last_error_code = 'invalid_event',"
+        " attempts = s.attempts + 1, lease_until = NULL, lease_owner = NULL,"
+        " last_error_code = 'invalid_event',"
         " last_error_message = 'the recorded absence no longer passes validation',"
         " last_error_hint = 'The HR system must publish this absence again (a newer version).',"
         " first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()"
@@ -718,24 +808,41 @@ async def _fail_unreadable(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -
 
 async def begin_creates(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, str, int]]) -> None:
     """Note, for (item, mailbox, generation) rows, that a create may be in flight,
-    so a crash leads to adoption, not a double. One statement for all rows."""
+    so a crash leads to adoption, not a double. One statement for all rows.
+
+    The event the row named before (a move's old event, deleted by then) is
+    forgotten in the same step."""
+    if not rows:
+        return
     await pool.execute(
         "UPDATE sync_items s SET intent = 'create', mailbox = i.mailbox, event_id = NULL,"
         " generation = i.generation, updated_at = now()"
-        " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])"
-        " AS i(config_id, absence_id, mailbox, generation)"
+        " FROM jsonb_to_recordset($1::jsonb)"
+        " AS i(config_id text, absence_id text, mailbox text, generation bigint)"
         " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id",
-        [r[0].config_id for r in rows], [r[0].absence_id for r in rows],
-        [r[1] for r in rows], [r[2] for r in rows],
+        _json_text([
+            {"config_id": r[0].config_id, "absence_id": r[0].absence_id, "mailbox": r[1],
+             "generation": r[2]}
+            for r in rows
+        ]),
     )
 
 
-async def forget_event(pool: asyncpg.Pool, item: Claimed) -> None:
-    await pool.execute(
-        "UPDATE sync_items SET event_id = NULL, mailbox = NULL, applied_hash = NULL,"
-        " intent = NULL, updated_at = now() WHERE config_id = $1 AND absence_id = $2",
-        item.config_id, item.absence_id,
+async def renew_leases(
+    pool: asyncpg.Pool, owner: str, items: Sequence[Claimed], lease_seconds: float
+) -> int:
+    """Extend the leases `owner` still holds on `items` (a long operation, such
+    as a move or an adoption, outlasting one lease); returns how many."""
+    if not items:
+        return 0
+    result: str = await pool.execute(
+        "UPDATE sync_items s SET lease_until = now() + make_interval(secs => $4)"
+        " FROM unnest($1::text[], $2::text[]) AS k(config_id, absence_id)"
+        " WHERE s.config_id = k.config_id AND s.absence_id = k.absence_id"
+        " AND s.lease_owner = $3",
+        [i.config_id for i in items], [i.absence_id for i in items], owner, lease_seconds,
     )
+    return _count(result)
 
 
 @dataclass(frozen=True, slots=True)
@@ -749,72 +856,99 @@ class Outcome:
     applied_hash: str | None = None
 
 
-_FINISH = """
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::boolean[],
-                         $6::text[], $7::text[], $8::text[], $9::text[])
-        AS t(config_id, absence_id, seq, status, wanted, event_id, mailbox, hash, op)
-), done AS (
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed item: retried at `retry_at`, or given up (status failed) when None.
+    `clear_intent`: the server refused the create, nothing can have been stored."""
+
+    code: str
+    message: str
+    hint: str
+    retry_at: dt.datetime | None
+    clear_intent: bool = False
+
+
+_OUTCOMES = """
+WITH done AS (
     UPDATE sync_items s SET done_seq = GREATEST(s.done_seq, i.seq), status =
         CASE WHEN s.change_seq > i.seq THEN 'pending' ELSE i.status END,
         force = s.force AND s.change_seq > i.seq, wanted = i.wanted, event_id = i.event_id,
         mailbox = i.mailbox, applied_hash = i.hash, desired_hash = i.hash, intent = NULL,
-        attempts = 0, lease_until = NULL, first_failure_at = NULL, last_error_code = NULL,
-        last_error_message = NULL, last_error_hint = NULL, updated_at = now(),
-        synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
-    FROM input i
+        attempts = 0, lease_until = NULL, lease_owner = NULL, first_failure_at = NULL,
+        last_error_code = NULL, last_error_message = NULL, last_error_hint = NULL,
+        updated_at = now(), synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
+    FROM jsonb_to_recordset($1::jsonb)
+        AS i(config_id text, absence_id text, seq bigint, status text, wanted boolean,
+             event_id text, mailbox text, hash text, op text)
     WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
     RETURNING s.config_id, s.absence_id, i.op, i.mailbox
+), failed AS (
+    UPDATE sync_items s SET
+        done_seq = CASE WHEN i.retry_at IS NULL THEN GREATEST(s.done_seq, i.seq)
+                   ELSE s.done_seq END,
+        status = CASE WHEN i.retry_at IS NOT NULL THEN s.status
+                      WHEN s.change_seq > i.seq THEN 'pending' ELSE 'failed' END,
+        next_attempt_at = COALESCE(i.retry_at, s.next_attempt_at),
+        intent = CASE WHEN i.clear_intent THEN NULL ELSE s.intent END,
+        attempts = s.attempts + 1, lease_until = NULL, lease_owner = NULL,
+        last_error_code = i.code, last_error_message = i.message, last_error_hint = i.hint,
+        first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()
+    FROM jsonb_to_recordset($2::jsonb)
+        AS i(config_id text, absence_id text, seq bigint, code text, message text, hint text,
+             retry_at timestamptz, op text, clear_intent boolean, target text)
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
+    -- the mailbox the failed call was for (set before a create), else the target address
+    RETURNING s.config_id, s.absence_id, i.op, i.code, i.message,
+        COALESCE(s.mailbox, i.target) AS mailbox
+), deferred AS (
+    UPDATE sync_items s SET lease_until = NULL, lease_owner = NULL,
+        next_attempt_at = now() + make_interval(secs => $4)
+    FROM jsonb_to_recordset($3::jsonb) AS i(config_id text, absence_id text)
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
+    RETURNING 1
 )
-INSERT INTO sync_log (config_id, absence_id, operation, outcome, mailbox)
-SELECT config_id, absence_id, op, 'ok', mailbox FROM done WHERE op <> 'noop'
+INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message, mailbox)
+SELECT config_id, absence_id, op, 'ok', NULL, NULL, mailbox FROM done WHERE op <> 'noop'
+UNION ALL
+SELECT config_id, absence_id, op, 'error', code, left(message, 500), mailbox FROM failed
 """
 
 
-async def finish_many(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, Outcome, str]]) -> None:
-    """Record completed (item, outcome, operation) rows in one atomic statement;
-    an item that changed meanwhile stays pending."""
-    await pool.execute(
-        _FINISH,
-        [r[0].config_id for r in rows], [r[0].absence_id for r in rows],
-        [r[0].change_seq for r in rows], [r[1].status for r in rows],
-        [r[1].wanted for r in rows], [r[1].event_id for r in rows],
-        [r[1].mailbox for r in rows], [r[1].applied_hash for r in rows],
-        [r[2] for r in rows],
-    )
-
-
-async def fail(
+async def record_outcomes(
     pool: asyncpg.Pool,
-    item: Claimed,
+    done: Sequence[tuple[Claimed, Outcome, str]],
+    failed: Sequence[tuple[Claimed, Failure, str]] = (),
+    deferred: Sequence[Claimed] = (),
     *,
-    code: str,
-    message: str,
-    hint: str,
-    retry_at: dt.datetime | None,
-    operation: str,
+    defer_seconds: float = 1.0,
 ) -> None:
-    """Record a failure: retry at `retry_at`, or give up (status failed) when None."""
-    async with pool.acquire() as conn, conn.transaction():
-        if retry_at is None:
-            await conn.execute(
-                "UPDATE sync_items SET done_seq = GREATEST(done_seq, $3), status ="
-                " CASE WHEN change_seq > $3 THEN 'pending' ELSE 'failed' END,"
-                " attempts = attempts + 1, lease_until = NULL,"
-                " last_error_code = $4, last_error_message = $5, last_error_hint = $6,"
-                " first_failure_at = COALESCE(first_failure_at, now()), updated_at = now()"
-                " WHERE config_id = $1 AND absence_id = $2",
-                item.config_id, item.absence_id, item.change_seq, code, message[:2000], hint,
-            )
-        else:
-            await conn.execute(
-                "UPDATE sync_items SET attempts = attempts + 1, lease_until = NULL,"
-                " next_attempt_at = $3, last_error_code = $4, last_error_message = $5,"
-                " last_error_hint = $6, first_failure_at = COALESCE(first_failure_at, now()),"
-                " updated_at = now() WHERE config_id = $1 AND absence_id = $2",
-                item.config_id, item.absence_id, retry_at, code, message[:2000], hint,
-            )
-        await _log(conn, item, operation, "error", code, message)
+    """Record in one atomic statement what became of leased items, and free them:
+    `done` (item, outcome, operation) rows, `failed` (item, failure, operation)
+    rows, and `deferred` items (not attempted: leased again after
+    `defer_seconds`, no attempt counted). An item that changed meanwhile stays
+    pending; every operation but a no-op goes to the history."""
+    def target(item: Claimed) -> str | None:
+        employee = item.absence.employee
+        return item.mailbox or (employee.target_address if employee else None)
+
+    await pool.execute(
+        _OUTCOMES,
+        _json_text([
+            {"config_id": i.config_id, "absence_id": i.absence_id, "seq": i.change_seq,
+             "status": o.status, "wanted": o.wanted, "event_id": o.event_id,
+             "mailbox": o.mailbox, "hash": o.applied_hash, "op": op}
+            for i, o, op in done
+        ]),
+        _json_text([
+            {"config_id": i.config_id, "absence_id": i.absence_id, "seq": i.change_seq,
+             "code": str(f.code), "message": f.message[:2000], "hint": f.hint,
+             "retry_at": f.retry_at, "op": op, "clear_intent": f.clear_intent,
+             "target": target(i)}
+            for i, f, op in failed
+        ]),
+        _json_text([{"config_id": i.config_id, "absence_id": i.absence_id} for i in deferred]),
+        defer_seconds,
+    )
 
 
 async def release(pool: asyncpg.Pool, items: Sequence[Claimed]) -> None:
@@ -822,29 +956,43 @@ async def release(pool: asyncpg.Pool, items: Sequence[Claimed]) -> None:
     if not items:
         return
     await pool.execute(
-        "UPDATE sync_items SET lease_until = NULL"
+        "UPDATE sync_items SET lease_until = NULL, lease_owner = NULL"
         " WHERE (config_id, absence_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
         [i.config_id for i in items], [i.absence_id for i in items],
     )
 
 
-async def _log(
-    conn: asyncpg.Connection,
-    item: Claimed,
-    operation: str,
-    outcome: str,
-    code: str | None,
-    message: str | None,
-) -> None:
-    # the mailbox the failed call was for (set before a create), else the target address
-    target = item.absence.employee.target_address if item.absence.employee else None
-    await conn.execute(
-        "INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message,"
-        " mailbox) SELECT $1, $2, $3, $4, $5, $6, COALESCE((SELECT mailbox FROM sync_items"
-        " WHERE config_id = $1 AND absence_id = $2), $7)",
-        item.config_id, item.absence_id, operation, outcome, code,
-        message[:500] if message else None, item.mailbox or target,
+# Mailbox leases: a provider's per-mailbox limit across replicas
+# (docs/architecture.md, "Mailbox limits across replicas").
+
+
+async def lease_mailboxes(
+    pool: asyncpg.Pool, holder: str, keys: Sequence[str], lease_seconds: float
+) -> set[str]:
+    """Lease (or renew) mailboxes for `holder`; returns the keys it now holds.
+    A key another holder has leased and not let expire is not granted."""
+    if not keys:
+        return set()
+    rows = await pool.fetch(
+        "INSERT INTO mailbox_leases AS m (mailbox_key, holder, lease_until)"
+        " SELECT k, $2, now() + make_interval(secs => $3)"
+        " FROM unnest($1::text[]) AS k ORDER BY k"
+        " ON CONFLICT (mailbox_key) DO UPDATE SET holder = EXCLUDED.holder,"
+        " lease_until = EXCLUDED.lease_until"
+        " WHERE m.holder = EXCLUDED.holder OR m.lease_until < now()"
+        " RETURNING mailbox_key",
+        sorted(set(keys)), holder, lease_seconds,
     )
+    return {r["mailbox_key"] for r in rows}
+
+
+async def release_mailboxes(pool: asyncpg.Pool, holder: str, keys: Sequence[str]) -> None:
+    """Give up `holder`'s leases on `keys` (no work left for them)."""
+    if keys:
+        await pool.execute(
+            "DELETE FROM mailbox_leases WHERE holder = $1 AND mailbox_key = ANY($2::text[])",
+            holder, list(keys),
+        )
 
 
 # --- bounded storage ------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""HTTP: /metrics, /healthz, /readyz, the Microsoft 365 consent redirect, and the
-administration API (`/api/v1`, see `api.py`) and page (`/`, see `page.py`)."""
+"""HTTP: /metrics, /healthz, /readyz, the Microsoft 365 consent redirect, the
+administration API (`/api/v1`, see `api.py`) and page (`/`, see `page.py`), and
+the iCalendar feeds (`/feeds/{token}.ics`, see `feeds.py`)."""
 
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(state: WebState) -> web.Application:
-    from consumer.web import api, page
+    from consumer.web import api, feeds, page
 
     app = web.Application(middlewares=[page.security_headers])
     app[STATE] = state
@@ -218,5 +219,6 @@ def create_app(state: WebState) -> web.Application:
     app.router.add_get("/consent/microsoft365/callback", consent_callback)
     api.setup(app)
     page.setup(app)
+    feeds.setup(app)  # /feeds/{token}.ics
     app.cleanup_ctx.append(_housekeeping)
     return app

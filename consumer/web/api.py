@@ -198,6 +198,32 @@ async def delete_sync(request: web.Request, caller: Caller) -> web.Response:
     return web.Response(status=204)
 
 
+@needs("manage")
+async def list_feeds(request: web.Request, caller: Caller) -> web.Response:
+    rows = await _admin(request).feeds(caller.tenant, request.match_info["id"])
+    return web.json_response({"feeds": [r.as_dict() for r in rows]})
+
+
+@needs("manage")
+async def create_feed(request: web.Request, caller: Caller) -> web.Response:
+    config_id = request.match_info["id"]
+    created = await _admin(request).create_feed(
+        caller.tenant, config_id, await _body(request, optional=True), _base_url(request)
+    )
+    log.info("feed created", tenant=caller.tenant, config=config_id, token_id=caller.token_id,
+             feed=created.feed.id, kind=created.feed.as_dict()["kind"])
+    return web.json_response(created.to_json(), status=201)
+
+
+@needs("manage")
+async def revoke_feed(request: web.Request, caller: Caller) -> web.Response:
+    config_id = request.match_info["id"]
+    row = await _admin(request).revoke_feed(caller.tenant, config_id, request.match_info["feed"])
+    log.info("feed revoked", tenant=caller.tenant, config=config_id, token_id=caller.token_id,
+             feed=row.id)
+    return web.Response(status=204)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(document(), headers={"Cache-Control": "no-cache"})
 
@@ -211,6 +237,9 @@ ROUTES: list[tuple[str, str, Route]] = [
     ("POST", "/syncs/{id}/retry", retry),
     ("POST", "/syncs/{id}/resync", resync),
     ("GET", "/jobs/{id}", get_job),
+    ("GET", "/syncs/{id}/feeds", list_feeds),
+    ("POST", "/syncs/{id}/feeds", create_feed),
+    ("DELETE", "/syncs/{id}/feeds/{feed}", revoke_feed),
 ]
 
 

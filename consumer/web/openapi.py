@@ -71,7 +71,7 @@ _COMPONENTS: dict[str, Any] = {
             "properties": {
                 "id": {"type": "string"},
                 "tenant": {"type": "string"},
-                "provider": {"enum": ["microsoft365", "exchange", "google", "caldav"]},
+                "provider": {"enum": ["microsoft365", "exchange", "google", "caldav", "ics"]},
                 "establishments": {"type": ["array", "null"], "items": {"type": "string"},
                                    "description": "null: every establishment"},
                 "health": {"enum": list(STATUSES), "description":
@@ -126,7 +126,9 @@ _COMPONENTS: dict[str, Any] = {
             "properties": {
                 "id": {"type": "string"},
                 "tenant": {"type": "string"},
-                "provider": {"enum": ["microsoft365", "exchange", "google", "caldav"]},
+                "provider": {"enum": ["microsoft365", "exchange", "google", "caldav", "ics"],
+                             "description": "ics: no remote calendar; the worker serves "
+                             "the events as iCalendar feeds (see /syncs/{id}/feeds)."},
                 "establishments": {"type": ["array", "null"], "items": {"type": "string"}},
                 "hide_labels": {"type": "boolean"},
                 "hidden_label": {"type": "string"},
@@ -139,10 +141,76 @@ _COMPONENTS: dict[str, Any] = {
                 "free_as": {"enum": ["free", "workingElsewhere"]},
                 "private": {"type": "boolean"},
                 "category": {"type": ["string", "null"]},
+                "types": {
+                    "type": "object", "description": "Per leave type rules, keyed by the "
+                    "events' `account.id`.",
+                    "additionalProperties": {"$ref": "#/components/schemas/TypeRule"},
+                },
                 "microsoft365": {"type": "object"},
                 "exchange": {"type": "object"},
                 "google": {"type": "object"},
                 "caldav": {"type": "object"},
+                "ics": {"type": "object", "maxProperties": 0},
+            },
+        },
+        "TypeRule": {
+            "type": "object", "additionalProperties": False,
+            "description": "Each field optional; left out, the configuration's value applies.",
+            "properties": {
+                "skip": {"type": "boolean", "description": "Never write this type; its "
+                         "existing events are deleted."},
+                "label": {"type": ["string", "null"], "maxLength": 255, "description":
+                          "The subject, shown even when hide_labels is on."},
+                "show_as": {"enum": ["free", "tentative", "busy", "oof", "workingElsewhere",
+                                     None], "description": "Show-as of approved absences; "
+                            "pending ones show tentative unless this is free or "
+                            "workingElsewhere."},
+                "sync_pending": {"type": ["boolean", "null"]},
+                "private": {"type": ["boolean", "null"]},
+                "category": {"type": ["string", "null"], "maxLength": 255,
+                             "description": "\"\": no category for this type."},
+            },
+        },
+        "Feed": {
+            "type": "object",
+            "required": ["id", "sync_id", "kind", "employee", "name", "created_at",
+                         "last_used_at", "revoked", "revoked_at"],
+            "properties": {
+                "id": {"type": "string", "description": "Public id (to revoke it); not the "
+                       "secret part of the URL."},
+                "sync_id": {"type": "string"},
+                "kind": {"enum": ["employee", "team"], "description": "employee: one "
+                         "employee's events as their calendar would hold them; team: one "
+                         "event per wanted absence, \"{name}: {label}\", always free."},
+                "employee": {"type": ["string", "null"], "description": "The employee's "
+                             "e-mail (lower case); null for the team feed."},
+                "name": {"type": ["string", "null"], "description": "The calendar name "
+                         "(NAME, X-WR-CALNAME); null: a default."},
+                "created_at": {"type": "string", "format": "date-time"},
+                "last_used_at": _TS,
+                "revoked": {"type": "boolean"},
+                "revoked_at": _TS,
+            },
+        },
+        "NewFeed": {
+            "allOf": [{"$ref": "#/components/schemas/Feed"}],
+            "type": "object", "required": ["url"],
+            "properties": {"url": {"type": "string", "format": "uri", "description":
+                                   "The subscription link, shown only in this answer: "
+                                   "ABSENCE_SYNC_PUBLIC_URL/feeds/TOKEN.ics."}},
+        },
+        "FeedList": {
+            "type": "object", "required": ["feeds"], "additionalProperties": False,
+            "properties": {"feeds": {"type": "array",
+                                     "items": {"$ref": "#/components/schemas/Feed"}}},
+        },
+        "FeedRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "employee": {"type": "string", "format": "email", "description": "A "
+                             "personal feed of this employee (by e-mail); left out, the "
+                             "configuration's team feed."},
+                "name": {"type": "string", "maxLength": 255},
             },
         },
         "Item": {
@@ -320,6 +388,27 @@ _PATHS: dict[str, Any] = {
             requestBody={"required": False, "content": {
                 "application/json": {"schema": _ref("ResyncRequest")}}},
         ),
+    },
+    "/syncs/{id}/feeds": {
+        "parameters": [_ID_PARAM],
+        "get": _op("The iCalendar feed links of an ics configuration (never their URLs)",
+                   "manage", {"200": _json(_ref("FeedList"), "The feeds, revoked ones too."),
+                              **_errors(401, 403, 404)}),
+        "post": _op(
+            "Create a feed link: an employee's feed, or the team feed", "manage",
+            {"201": _json(_ref("NewFeed"), "Created; the URL is shown this once."),
+             **_errors(400, 401, 403, 404)},
+            requestBody={"required": False, "content": {
+                "application/json": {"schema": _ref("FeedRequest")}}},
+        ),
+    },
+    "/syncs/{id}/feeds/{feed}": {
+        "parameters": [_ID_PARAM, {"name": "feed", "in": "path", "required": True,
+                                   "schema": {"type": "string"},
+                                   "description": "The feed id."}],
+        "delete": _op("Revoke a feed link: it answers 404 from now on", "manage",
+                      {"204": {"description": "Revoked (or already revoked)."},
+                       **_errors(401, 403, 404)}),
     },
     "/jobs/{id}": {
         "parameters": [{"name": "id", "in": "path", "required": True,

@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from consumer import logs, tokens
-from consumer.admin import Admin, AdminError, ItemsPage, job_json, public_document
+from consumer.admin import Admin, AdminError, ItemsPage, NewFeed, job_json, public_document
 from consumer.config import secret_names
 from consumer.web import STATE
 from consumer.web.api import ADMIN, Caller, caller_for
@@ -298,9 +298,17 @@ async def _sync_page(
     edit_error: str | None = None,
     notice: str | None = None,
     probe: dict[str, Any] | None = None,
+    new_feed: NewFeed | None = None,
+    feed_error: str | None = None,
 ) -> web.Response:
     admin = _admin(request)
     view = await admin.sync(caller.tenant, config_id, _base_url(request))
+    can_manage = tokens.allows(caller.role, "manage")
+    # feed links of an ics configuration, for those who may create and revoke them
+    feed_rows = (
+        await admin.feeds(caller.tenant, config_id)
+        if can_manage and view.config.provider == "ics" else None
+    )
     cursor = request.query.get("cursor") or None
     failed: ItemsPage = await admin.items(
         caller.tenant, config_id, state="failed", cursor=cursor, limit=50
@@ -309,10 +317,11 @@ async def _sync_page(
                     view.stored.secret_names)
     return _render(
         request, "sync.html", status=status, view=view, failed=failed,
-        can_manage=tokens.allows(caller.role, "manage"),
+        can_manage=can_manage,
         can_configure=tokens.allows(caller.role, "configure"),
         resync=resync or _Resync(), default_since=dt.datetime.now(dt.UTC).date().isoformat(),
-        form=form, edit_error=edit_error, notice=notice, probe=probe, **_who(caller),
+        form=form, edit_error=edit_error, notice=notice, probe=probe, feeds=feed_rows,
+        new_feed=new_feed, feed_error=feed_error, **_who(caller),
     )
 
 
@@ -324,6 +333,8 @@ async def sync_page(request: web.Request, caller: Caller) -> web.StreamResponse:
         notice = f"Re-queued {int(requeued)} failed absence(s): they are being written again."
     elif request.query.get("saved") == "1":
         notice = "Settings saved."
+    elif request.query.get("revoked") == "1":
+        notice = "Feed link revoked: it no longer answers."
     return await _sync_page(request, caller, request.match_info["id"], notice=notice)
 
 
@@ -437,6 +448,39 @@ async def test_connection(request: web.Request, caller: Caller) -> web.StreamRes
     return await _sync_page(request, caller, config_id, probe=doc)
 
 
+@signed_in("manage")
+async def create_feed(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """Create a feed link and show its URL once, on the page this answers (never in
+    a redirect, which would put the link in the browser history)."""
+    form = await _checked_form(request)
+    config_id = request.match_info["id"]
+    body = {k: str(form.get(k, "")).strip() for k in ("employee", "name")}
+    try:
+        created = await _admin(request).create_feed(
+            caller.tenant, config_id, {k: v for k, v in body.items() if v},
+            _base_url(request),
+        )
+    except AdminError as exc:
+        if exc.status != 400:
+            raise
+        return await _sync_page(request, caller, config_id, status=400, feed_error=exc.message)
+    log.info("feed created on the page", tenant=caller.tenant, config=config_id,
+             token_id=caller.token_id, feed=created.feed.id)
+    if _wants_json(request):
+        return web.json_response(created.to_json(), status=201)
+    return await _sync_page(request, caller, config_id, new_feed=created)
+
+
+@signed_in("manage")
+async def revoke_feed(request: web.Request, caller: Caller) -> web.StreamResponse:
+    await _checked_form(request)
+    config_id = request.match_info["id"]
+    row = await _admin(request).revoke_feed(caller.tenant, config_id, request.match_info["feed"])
+    log.info("feed revoked on the page", tenant=caller.tenant, config=config_id,
+             token_id=caller.token_id, feed=row.id)
+    return _redirect(f"/ui/syncs/{config_id}?revoked=1#feeds-title")
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/", home)
     app.router.add_post("/ui/signin", sign_in)
@@ -446,6 +490,8 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/ui/syncs/{id}/resync", resync)
     app.router.add_post("/ui/syncs/{id}/settings", save_settings)
     app.router.add_post("/ui/syncs/{id}/test", test_connection)
+    app.router.add_post("/ui/syncs/{id}/feeds", create_feed)
+    app.router.add_post("/ui/syncs/{id}/feeds/{feed}/revoke", revoke_feed)
     app.router.add_get("/ui/jobs/{id}", job_page)
     app.router.add_static("/ui/static/", _HERE / "static", append_version=False)
 
