@@ -1,4 +1,4 @@
-"""Google Calendar through the Calendar API v3, as each employee (SPEC section 6).
+"""Google Calendar through the Calendar API v3, as each employee (docs/google.md).
 
 One `GoogleProvider` per sync configuration, holding one service account
 key with domain-wide delegation (`google_auth.GoogleTokens`: a JWT bearer
