@@ -36,6 +36,7 @@ Errors use Google's body shape: `{"error": {"errors": [{"domain", "reason",
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import itertools
 import json
@@ -147,6 +148,8 @@ class GoogleServer:
     arrivals: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     rate_limited: list[Recorded] = field(default_factory=list)
     page_size: int = 250
+    #: seconds every Calendar API request (or batch) takes before it is answered
+    latency: float = 0.0
     port: int = 0
     ca_path: Path | None = None
     _runner: web.AppRunner | None = None
@@ -226,6 +229,8 @@ class GoogleServer:
             elif path.startswith("/calendar/v3/"):
                 self.requests.append(record)
                 raw = await request.read()
+                if self.latency:
+                    await asyncio.sleep(self.latency)
                 status, body = self._api(request.method, request.raw_path,
                                          request.headers.get("Authorization", ""), raw, record)
                 response = _respond(status, body)
@@ -301,6 +306,8 @@ class GoogleServer:
                                         "Batch requests must be multipart/mixed.")
             return _respond(status, body)
         raw = await request.read()
+        if self.latency:
+            await asyncio.sleep(self.latency)
         outer_auth = request.headers.get("Authorization", "")
         parts = []
         for chunk in raw.split(b"--" + match.group(1).encode())[1:]:
