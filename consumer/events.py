@@ -1,4 +1,4 @@
-"""The absence event contract (SPEC section 3): parsing and validation.
+"""The absence event contract (docs/events.md): parsing and validation.
 
 `parse_event` is the only way raw Kafka bytes become an `Absence`: strict
 JSON (no `NaN`, `Infinity` or numbers beyond the double range), JSON Schema

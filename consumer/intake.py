@@ -1,4 +1,5 @@
-"""Kafka intake (SPEC sections 3, 7 and 11): consume, validate, dead-letter, record, commit.
+"""Kafka intake (docs/events.md, docs/guarantees.md): consume, validate,
+dead-letter, record, commit.
 
 For each batch: valid events are recorded in one PostgreSQL transaction,
 invalid ones go to the dead-letter topic (awaited), and only then are the

@@ -1,4 +1,5 @@
-"""Prometheus metrics (SPEC section 10) as one bundle built on a given registry.
+"""Prometheus metrics (docs/runbook.md, 'Reading the dashboard') as one bundle
+built on a given registry.
 
 Business code calls a few methods; tests build a fresh `CollectorRegistry`.
 No label carries an employee or absence id.

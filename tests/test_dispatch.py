@@ -1,4 +1,4 @@
-"""Dispatcher guarantees (SPEC section 7) with the real intake, broker and
+"""Dispatcher guarantees (docs/guarantees.md) with the real intake, broker and
 database, against the in-memory calendar."""
 
 from __future__ import annotations

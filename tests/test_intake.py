@@ -1,4 +1,4 @@
-"""Intake against the real broker and database (SPEC sections 3 and 7)."""
+"""Intake against the real broker and database (docs/events.md, docs/guarantees.md)."""
 
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ _COMPONENTS: dict[str, Any] = {
             "type": "object",
             "required": ["id", "tenant", "provider", "establishments", "health", "cause",
                          "consent_url", "warnings", "counts", "last_success_at",
-                         "last_failure_at", "deleting"],
+                         "last_failure_at", "deleting", "paused"],
             "properties": {
                 "id": {"type": "string"},
                 "tenant": {"type": "string"},
@@ -98,6 +98,10 @@ _COMPONENTS: dict[str, Any] = {
                 "deleting": {"type": "boolean", "description":
                              "A purge is deleting this configuration's events; it disappears "
                              "when none is left."},
+                "paused": {"type": "boolean", "description":
+                           "An operator paused it (`absence-sync config pause`): changes are "
+                           "recorded and wait as pending writes; nothing is written until "
+                           "`absence-sync config resume`."},
             },
         },
         "SyncDetail": {
