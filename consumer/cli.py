@@ -70,13 +70,39 @@ def _warn(message: str) -> None:
         click.echo(f"absence-sync: warning: {message}", err=True)
 
 
+#: the settings that are also flags of every command that connects (never a secret:
+#: a command line is visible to every user of the machine)
+SETTING_FLAGS: tuple[str, ...] = (
+    "ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS", "ABSENCE_SYNC_TOPIC", "ABSENCE_SYNC_DLQ_TOPIC",
+    "ABSENCE_SYNC_GROUP_ID", "ABSENCE_SYNC_DATABASE_URL",
+)
+
+
+def _flag_of(variable: str) -> str:
+    return "--" + variable.removeprefix("ABSENCE_SYNC_").lower().replace("_", "-")
+
+
 def _embedded_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--embedded` on a command: start embedded servers for what is not configured."""
+    """`--embedded` on a command: start embedded servers for what is not configured;
+    and the connection settings as flags (`--database-url` overrides
+    ABSENCE_SYNC_DATABASE_URL, and so on)."""
 
     def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         if value:
             _OPTIONS.embedded = True
 
+    def override(variable: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+        def set_variable(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+            if value is not None:
+                os.environ[variable] = value  # read with the others by `_settings`
+
+        return set_variable
+
+    for variable in reversed(SETTING_FLAGS):
+        f = click.option(
+            _flag_of(variable), metavar="VALUE", expose_value=False, is_eager=True,
+            callback=override(variable), help=f"Overrides {variable}.",
+        )(f)
     return click.option(
         "--embedded", is_flag=True, expose_value=False, is_eager=True, callback=remember,
         help="Start a throwaway embedded broker/PostgreSQL for whatever is not configured "
