@@ -66,8 +66,8 @@ _COMPONENTS: dict[str, Any] = {
         "Sync": {
             "type": "object",
             "required": ["id", "tenant", "provider", "establishments", "health", "cause",
-                         "consent_url", "warnings", "counts", "last_success_at",
-                         "last_failure_at", "deleting", "paused"],
+                         "consent_url", "warnings", "counts", "synced", "pending", "failed",
+                         "last_success_at", "last_failure_at", "deleting", "paused"],
             "properties": {
                 "id": {"type": "string"},
                 "tenant": {"type": "string"},
@@ -86,6 +86,12 @@ _COMPONENTS: dict[str, Any] = {
                                 "missing."},
                 "warnings": {"type": "array", "items": {"type": "string"}},
                 "counts": {"$ref": "#/components/schemas/Counts"},
+                "synced": {"type": "integer", "minimum": 0,
+                           "description": "Absences written as wanted (= counts.synced)."},
+                "pending": {"type": "integer", "minimum": 0,
+                            "description": "Absences waiting for a write (= counts.pending)."},
+                "failed": {"type": "integer", "minimum": 0, "description":
+                           "Absences whose write failed permanently (= counts.failed)."},
                 "last_success_at": _TS,
                 "last_failure_at": _TS,
                 "deleting": {"type": "boolean", "description":
