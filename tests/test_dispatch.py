@@ -386,3 +386,24 @@ async def test_secrets_the_worker_cannot_decrypt_fail_visibly_then_sync_once_fix
 async def _count_failed(pool: asyncpg.Pool, count: int) -> bool:
     failed = await pool.fetchval("SELECT count(*) FROM sync_items WHERE status = 'failed'")
     return bool(failed == count)
+
+
+async def test_a_delete_with_only_type_tenant_and_data_id_version_removes_the_event(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """`absence.deleted` needs only `type`, `tenant`, `data.id` and `data.version`:
+    no CloudEvent `id`, `source` or `specversion`; it is applied, not dead-lettered."""
+    await apply(pool, sync_config())
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    async with worker(settings, calendar=calendar) as running:
+        await wait_until(lambda: _status(pool, "abs-1", "synced"))
+        await publisher.send({"type": "absence.deleted", "tenant": "acme",
+                              "data": {"id": "abs-1", "version": 2}})
+        await publisher.flush()
+        await wait_until(lambda: _status(pool, "abs-1", "deleted"))
+        assert running.metrics.dead_letters.collect()[0].samples == []
+    assert calendar.all() == []
+    row = await pool.fetchrow("SELECT version, deleted FROM absences WHERE id = 'abs-1'")
+    assert (row["version"], row["deleted"]) == (2, True)
