@@ -368,6 +368,7 @@ async def test_secrets_the_worker_cannot_decrypt_fail_visibly_then_sync_once_fix
             assert "acme-cal" in row["last_error_hint"]
             assert "ABSENCE_SYNC_SECRET_KEYS" in row["last_error_hint"]
             assert "--replace-secrets" in row["last_error_hint"]
+            assert ("is not set" in row["last_error_message"]) is (wrong is None)
             assert "dav-secret-1" not in json.dumps(dict(row), default=str)
         assert calendar.calls == []
     (view,) = await Admin(pool).syncs("acme", "http://localhost")

@@ -45,11 +45,11 @@ class Resolved:
     problem: ProviderError | None = None
 
 
-def unreadable_secrets(config_id: str, exc: SecretsError) -> ProviderError:
+def unreadable_secrets(config_id: str, keys_set: bool) -> ProviderError:
     """The permanent failure of a configuration whose stored secrets this worker
-    cannot decrypt; `exc` says why (no key set, or none of them fits)."""
-    reason = ("ABSENCE_SYNC_SECRET_KEYS is not set" if "not set" in str(exc)
-              else "none of the keys in ABSENCE_SYNC_SECRET_KEYS decrypts them")
+    cannot decrypt (`keys_set`: it has keys, none of which fits)."""
+    reason = ("none of the keys in ABSENCE_SYNC_SECRET_KEYS decrypts them" if keys_set
+              else "ABSENCE_SYNC_SECRET_KEYS is not set")
     return ProviderError(
         AUTH_FAILED,
         f"configuration {config_id!r}: the worker cannot decrypt its stored secrets "
@@ -81,11 +81,11 @@ class ProviderCache:
             return cached
         try:
             stored = await store.get_config(self.pool, config_id, self.box)
-        except SecretsError as exc:
+        except SecretsError:
             stored = await store.get_config(self.pool, config_id)  # without its secrets
             if stored is None:
                 return None
-            resolved = Resolved(stored, None, unreadable_secrets(config_id, exc))
+            resolved = Resolved(stored, None, unreadable_secrets(config_id, self.box.enabled))
         else:
             if stored is None:
                 return None
