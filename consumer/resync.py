@@ -519,8 +519,7 @@ class _Run:
         pairs: list[tuple[str, str, str]] = []
         read_keys = self.read_keys
         if read_keys is not None and not read_keys:
-            self._report()  # nothing was read since from_time: nothing is in scope
-            return
+            return  # nothing was read since from_time: nothing is in scope
         scope = store.resync_scope(
             self.pool,
             tenants=sorted(self.scope.by_tenant),
