@@ -99,6 +99,10 @@ class SyncView:
             "counts": {state: self.summary.counts.get(state, 0) for state in ITEM_STATES},
             # the same counts at the top level, where a monitoring client looks first
             **{state: self.summary.counts.get(state, 0) for state in TOP_LEVEL_COUNTS},
+            "counts_by_target": {
+                target: {state: counts.get(state, 0) for state in ITEM_STATES}
+                for target, counts in sorted(self.summary.by_target.items())
+            },
             "last_success_at": _iso(self.summary.last_success_at),
             "last_failure_at": _iso(self.summary.last_failure_at),
             "deleting": self.summary.deleting,
@@ -125,7 +129,8 @@ class ItemsPage:
         return {
             "items": [
                 {
-                    "absence_id": i.absence_id, "employee_email": i.employee_email,
+                    "absence_id": i.absence_id, "target": i.target,
+                    "employee_email": i.employee_email,
                     "mailbox": i.mailbox, "state": i.state, "code": i.code,
                     "message": i.message, "hint": i.hint, "attempts": i.attempts,
                     "event_id": i.event_id, "updated_at": _iso(i.updated_at),
@@ -323,7 +328,11 @@ class Admin:
                 and not stored.config.provider_settings.get("tenant_id")
             )
             link = await self._consent_url(stored, base_url) if consent_missing else None
-            cause = health.cause_sentence(verdict, stored.config.provider, link)
+            team = stored.config.team_calendar
+            cause = health.cause_sentence(
+                verdict, stored.config.provider, link,
+                team_address=team.address if team is not None else None,
+            )
             if cause is None and consent_missing:
                 cause = health.consent_sentence(link)
             views.append(SyncView(stored, verdict, cause, link, summary))
@@ -348,15 +357,19 @@ class Admin:
         self, tenant: str, config_id: str, *, state: str | None, cursor: str | None,
         limit: int,
     ) -> ItemsPage:
-        await self._config(tenant, config_id)
+        stored = await self._config(tenant, config_id)
         if state is not None and state not in ITEM_STATES:
             raise AdminError(400, "invalid_request",
                              f"state must be one of {', '.join(ITEM_STATES)}")
         after = _decode_cursor(cursor) if cursor else None
+        team = stored.config.team_calendar
         rows, more = await admin_store.items_page(
-            self.pool, tenant, config_id, state=state, after=after, limit=limit
+            self.pool, tenant, config_id, state=state, after=after, limit=limit,
+            team_address=team.address if team is not None else None,
         )
-        next_cursor = _encode_cursor(rows[-1].absence_id) if more and rows else None
+        next_cursor = (
+            _encode_cursor(rows[-1].absence_id, rows[-1].target) if more and rows else None
+        )
         return ItemsPage(rows, next_cursor)
 
     async def test_connection(
@@ -550,17 +563,23 @@ class NewFeed:
         return {**self.feed.as_dict(), "url": self.url}
 
 
-def _encode_cursor(absence_id: str) -> str:
-    """Opaque to clients: the last absence id of the page, base64url."""
-    return base64.urlsafe_b64encode(absence_id.encode()).decode().rstrip("=")
+def _encode_cursor(absence_id: str, target: str) -> str:
+    """Opaque to clients: the last item of the page (absence id, NUL, target), base64url."""
+    raw = f"{absence_id}\x00{target}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> str:
+def _decode_cursor(cursor: str) -> tuple[str, str | None]:
+    """(absence id, target); a cursor made before targets existed names an
+    absence only (target None: the page goes on after all of its items)."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         after = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise AdminError(400, "invalid_request", "cursor: not a cursor of this API") from exc
-    if not after:
+    absence_id, sep, target = after.rpartition("\x00")
+    if not sep:
+        absence_id, target = after, ""
+    if not absence_id:
         raise AdminError(400, "invalid_request", "cursor: not a cursor of this API")
-    return after
+    return absence_id, target or None

@@ -70,13 +70,39 @@ def _warn(message: str) -> None:
         click.echo(f"absence-sync: warning: {message}", err=True)
 
 
+#: the settings that are also flags of every command that connects (never a secret:
+#: a command line is visible to every user of the machine)
+SETTING_FLAGS: tuple[str, ...] = (
+    "ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS", "ABSENCE_SYNC_TOPIC", "ABSENCE_SYNC_DLQ_TOPIC",
+    "ABSENCE_SYNC_GROUP_ID", "ABSENCE_SYNC_DATABASE_URL",
+)
+
+
+def _flag_of(variable: str) -> str:
+    return "--" + variable.removeprefix("ABSENCE_SYNC_").lower().replace("_", "-")
+
+
 def _embedded_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--embedded` on a command: start embedded servers for what is not configured."""
+    """`--embedded` on a command: start embedded servers for what is not configured;
+    and the connection settings as flags (`--database-url` overrides
+    ABSENCE_SYNC_DATABASE_URL, and so on)."""
 
     def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         if value:
             _OPTIONS.embedded = True
 
+    def override(variable: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+        def set_variable(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+            if value is not None:
+                os.environ[variable] = value  # read with the others by `_settings`
+
+        return set_variable
+
+    for variable in reversed(SETTING_FLAGS):
+        f = click.option(
+            _flag_of(variable), metavar="VALUE", expose_value=False, is_eager=True,
+            callback=override(variable), help=f"Overrides {variable}.",
+        )(f)
     return click.option(
         "--embedded", is_flag=True, expose_value=False, is_eager=True, callback=remember,
         help="Start a throwaway embedded broker/PostgreSQL for whatever is not configured "
@@ -281,10 +307,16 @@ def config_show(config_id: str) -> None:
     """
     settings = _settings()
 
-    async def go(pool: Any) -> tuple[store.StoredConfig | None, dict[str, int]]:
-        return await store.get_config(pool, config_id), await store.status_counts(pool, config_id)
+    async def go(pool: Any) -> tuple[
+        store.StoredConfig | None, dict[str, int], dict[str, dict[str, int]]
+    ]:
+        return (
+            await store.get_config(pool, config_id),
+            await store.status_counts(pool, config_id),
+            await store.status_counts_by_target(pool, config_id),
+        )
 
-    stored, counts = _with_pool(settings, go)
+    stored, counts, by_target = _with_pool(settings, go)
     if stored is None:
         _fail(f"no configuration with id {config_id!r}", 1)
     data = stored.config.public_dict()
@@ -296,6 +328,7 @@ def config_show(config_id: str) -> None:
     data["paused_at"] = stored.paused_at.isoformat() if stored.paused_at else None
     data["warnings"] = list(stored.warnings)
     data["items"] = counts
+    data["items_by_target"] = by_target
     click.echo(json.dumps(data, indent=2, default=str))
 
 
@@ -525,7 +558,8 @@ def config_resume(config_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @_embedded_option
 def items_cmd(config_id: str, state: str | None, limit: int, as_json: bool) -> None:
-    """List a configuration's items (one per absence): state, mailbox, and for a
+    """List a configuration's items (one per absence and target: `calendar`, the
+    employee's calendar; `team`, the team calendar): state, mailbox, and for a
     failure its error code, message and hint (what to do).
 
     `absence-sync items --config ID --state failed` lists what failed;
@@ -552,9 +586,11 @@ def items_cmd(config_id: str, state: str | None, limit: int, as_json: bool) -> N
     if not page.items:
         click.echo(f"no {state + ' ' if state else ''}items for {config_id}")
         return
-    click.echo(f"{'ABSENCE':<20} {'STATE':<8} {'MAILBOX':<32} {'CODE':<26} {'TRIES':<6} UPDATED")
+    click.echo(f"{'ABSENCE':<20} {'TARGET':<8} {'STATE':<8} {'MAILBOX':<32} {'CODE':<26} "
+               f"{'TRIES':<6} UPDATED")
     for item in page.items:
-        click.echo(f"{item.absence_id:<20} {item.state:<8} {item.mailbox or '':<32} "
+        click.echo(f"{item.absence_id:<20} {item.target:<8} {item.state:<8} "
+                   f"{item.mailbox or '':<32} "
                    f"{item.code or '':<26} {item.attempts:<6} "
                    f"{item.updated_at:%Y-%m-%d %H:%M}")
         if item.code:

@@ -43,6 +43,11 @@ ShowAs = Literal["free", "tentative", "busy", "oof", "workingElsewhere"]
 SHOW_AS: tuple[str, ...] = ("free", "tentative", "busy", "oof", "workingElsewhere")
 _SPAN = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+#: the loose e-mail check of the event schema (one '@', a dot in the domain, no blanks)
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+#: a CalDAV collection named otherwise than by an address (one path segment)
+_COLLECTION = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,199}$")
+MAX_ADDRESS = 320
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: what a secret holds when a file is checked without reading its secrets
 #: (`load_file(..., read_secrets=False)`, for `config validate`)
@@ -146,6 +151,55 @@ class TypeRule(BaseModel):
         return self.model_dump(exclude_defaults=True)
 
 
+class TeamCalendar(BaseModel):
+    """A configuration's shared team calendar (`team_calendar: {address: ...}`).
+
+    `address` names one shared mailbox (Microsoft 365, Exchange, Google: an
+    e-mail address) or CalDAV collection (the `{email}` of the CalDAV URL
+    template: an address, or a plain collection name), like an employee's
+    calendar address: every absence the configuration wants is also written
+    there, as the team view renders it. Kept in lower case, as calendar
+    addresses are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise ValueError(
+                "must be a mapping with the shared calendar's address, e.g. "
+                "{address: team-paris@acme.example}"
+            )
+        for key in raw:
+            if key not in cls.model_fields:
+                raise ValueError(
+                    f"unknown field {str(key)!r} (a team calendar accepts: address)"
+                )
+        return raw
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _check_address(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("must be an e-mail address (text)")
+        address = value.strip().lower()
+        if len(address) > MAX_ADDRESS or not address.isprintable() or not (
+            _ADDRESS.match(address) or _COLLECTION.match(address)
+        ):
+            raise ValueError(
+                f"must be an e-mail address such as team-paris@acme.example, got {value!r}"
+            )
+        return address
+
+    @property
+    def is_mailbox(self) -> bool:
+        """An e-mail address (what every provider but CalDAV needs)."""
+        return bool(_ADDRESS.match(self.address))
+
+
 class SyncConfig(BaseModel):
     """One sync configuration. `provider_settings` excludes secrets."""
 
@@ -168,6 +222,8 @@ class SyncConfig(BaseModel):
     category: str | None = Field(default=None, max_length=255)
     #: per leave type rules, keyed by the events' `account.id`
     types: dict[str, TypeRule] = Field(default_factory=dict)
+    #: a shared calendar that also receives every wanted absence (the team view)
+    team_calendar: TeamCalendar | None = None
     provider_settings: dict[str, Any] = Field(default_factory=dict)
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
 
@@ -226,6 +282,13 @@ class SyncConfig(BaseModel):
         check_block(self.provider, self.provider_settings, self.secrets)
         return self
 
+    @model_validator(mode="after")
+    def _team_calendar_has_a_calendar(self) -> SyncConfig:
+        problem = team_calendar_problem(self.provider, self.team_calendar)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+        return self
+
     @property
     def morning_span(self) -> TimeSpan:
         return parse_span(self.morning)
@@ -237,28 +300,34 @@ class SyncConfig(BaseModel):
     def public_dict(self) -> dict[str, Any]:
         """Everything but secret values (secret names are shown, not values).
 
-        `types` is left out when empty, so configurations stored before it
-        existed compare equal to the same file applied again."""
+        `types` and `team_calendar` are left out when not given, so
+        configurations stored before they existed compare equal to the same
+        file applied again."""
         data = self.model_dump(exclude={"secrets"})
         if not self.types:
             del data["types"]
+        if self.team_calendar is None:
+            del data["team_calendar"]
         data["secrets"] = sorted(self.secrets)
         return data
 
     def render_dict(self) -> dict[str, Any]:
         """The fields that change how events render (part of the content hash).
 
-        `types` counts only when given, so the render hash of a configuration
-        without type rules is what it was before they existed (no re-render)."""
+        `types` and `team_calendar` count only when given, so the render hash
+        of a configuration without them is what it was before they existed (no
+        re-render)."""
         data = self.model_dump(
             include={
                 "hide_labels", "hidden_label", "whole_days_as_timed", "morning",
                 "afternoon", "time_zone", "sync_pending", "busy_as", "free_as",
-                "private", "category", "establishments", "types",
+                "private", "category", "establishments", "types", "team_calendar",
             }
         )
         if not self.types:
             del data["types"]
+        if self.team_calendar is None:
+            del data["team_calendar"]
         return data
 
 
@@ -671,6 +740,8 @@ def parse_sync(where: str, raw: Any, *, read_secrets: bool = True) -> SyncConfig
         )
     plain, secrets = _resolve_block(where, provider, raw.get(provider),
                                     read_secrets=read_secrets)
+    if provider == "ics" and raw.get("team_calendar") is not None:
+        raise ConfigError(f"{where}: field 'team_calendar': {_ICS_TEAM}")
     try:
         return SyncConfig(**fields, provider_settings=plain, secrets=secrets)
     except ValidationError as exc:
@@ -678,7 +749,34 @@ def parse_sync(where: str, raw: Any, *, read_secrets: bool = True) -> SyncConfig
         if err.get("type") == "extra_forbidden":
             raise _unknown_field(where, _field_name(err["loc"])) from exc
         field = _field_name(err["loc"])
-        raise ConfigError(f"{where}: field '{field}': {_explain(err)}") from exc
+        msg = _explain(err)
+        if not err["loc"] and err["msg"].removeprefix("Value error, ").startswith("team_calendar"):
+            # checked with the provider
+            field, _, msg = err["msg"].removeprefix("Value error, ").partition(": ")
+        raise ConfigError(f"{where}: field '{field}': {msg}") from exc
+
+
+_ICS_TEAM = (
+    "an ics configuration has no calendar to write to; its team view is the "
+    "configuration feed ('absence-sync feed create --config ID' without --employee)"
+)
+
+
+def team_calendar_problem(
+    provider: str, team: TeamCalendar | None
+) -> tuple[str, str] | None:
+    """(field, problem) when `team` does not suit `provider`: an ics configuration
+    has none (its team feed is its team view); a collection name that is not an
+    address is for CalDAV only."""
+    if team is None:
+        return None
+    if provider == "ics":
+        return "team_calendar", _ICS_TEAM
+    if provider != "caldav" and not team.is_mailbox:
+        return ("team_calendar.address",
+                f"a {provider} team calendar is a shared mailbox: must be an e-mail address "
+                f"such as team-paris@acme.example, got {team.address!r}")
+    return None
 
 
 def load_file(path: Path, *, read_secrets: bool = True) -> list[SyncConfig]:

@@ -139,12 +139,25 @@ def _failing_sentence(code: str, provider: str, every: bool, consent_url: str | 
     return f"{lead} ({code}): the calendar server reports errors; see the failed items."
 
 
-def cause_sentence(health: Health, provider: str, consent_url: str | None = None) -> str | None:
-    """The sentence shown next to the badge; None when there is nothing to fix."""
+def cause_sentence(
+    health: Health, provider: str, consent_url: str | None = None,
+    team_address: str | None = None,
+) -> str | None:
+    """The sentence shown next to the badge; None when there is nothing to fix.
+    `team_address`: the configuration's team calendar, named as such (not as an
+    employee) when it is among the failing mailboxes."""
     if health.status == "failing" and health.code is not None:
         return _failing_sentence(health.code, provider, health.share >= 1.0, consent_url)
     if health.status != "degraded":
         return None
+    team = team_address.strip().lower() if team_address else None
+    if team is not None and team in health.mailboxes and health.code == MAILBOX_NOT_FOUND:
+        lead = (f"The team calendar {team} cannot be written (no such mailbox or "
+                "calendar): check the configuration's team_calendar.address")
+        others = [b for b in health.mailboxes if b != team]
+        if not others:
+            return lead + "."
+        return f"{lead}; check these employees' e-mail addresses: {_named(others)}."
     named = _named(health.mailboxes)
     if health.code == MAILBOX_NOT_FOUND:
         return f"Some mailboxes fail: check these employees' e-mail addresses: {named}."

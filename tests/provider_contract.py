@@ -14,6 +14,7 @@ import pytest
 
 from consumer.providers.base import MAILBOX_NOT_FOUND, EventGone, Provider, ProviderError
 from consumer.render import DesiredEvent, Mark
+from consumer.targets import TEAM, transaction_id
 
 
 def desired(mailbox: str, absence_id: str = "abs-1", **changes: object) -> DesiredEvent:
@@ -114,6 +115,26 @@ class ProviderContract:
         b = await provider.create(right, transaction_id="t-right")
         assert await provider.find(mailbox, left.mark) == [a]
         assert await provider.find(mailbox, right.mark) == [b]
+
+    async def test_team_and_employee_events_of_one_absence_stay_apart(
+        self, provider: Provider, mailbox: str
+    ) -> None:
+        """One absence's employee event and team event (each with its target's mark
+        and transaction id) in the same calendar: each found by its own mark only;
+        deleting one leaves the other; neither create answers with the other."""
+        employee = desired(mailbox, "abs-team")
+        team = desired(mailbox, "abs-team", mark=Mark("cfg-1", "abs-team", team=True),
+                       subject="Jane Doe: Absent", show_as="free")
+        a = await provider.create(employee, transaction_id=transaction_id("cfg-1", "abs-team", 1))
+        b = await provider.create(
+            team, transaction_id=transaction_id("cfg-1", "abs-team", 1, TEAM)
+        )
+        assert a != b
+        assert await provider.find(mailbox, employee.mark) == [a]
+        assert await provider.find(mailbox, team.mark) == [b]
+        assert await provider.delete(mailbox, b) is True
+        assert await provider.find(mailbox, team.mark) == []
+        assert await provider.find(mailbox, employee.mark) == [a]
 
     async def test_missing_mailbox(self, provider: Provider, missing_mailbox: str) -> None:
         with pytest.raises(ProviderError) as info:

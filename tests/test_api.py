@@ -637,3 +637,45 @@ async def test_idle_database_without_workers_is_idle(pool: asyncpg.Pool, dsn: st
         status, body = await api.call("GET", "/syncs", token)
         assert (status, body) == (200, {"syncs": []})
     assert await idle(pool)
+
+
+# ---------------------------------------------------------------- team calendars
+
+
+async def test_items_and_counts_show_the_target(world: World) -> None:
+    """A configuration with a team calendar: its items carry their target (the
+    team item of an absence whose employee mailbox does not exist is synced),
+    its counts come per target, and a failing team mailbox is named as such."""
+    team = "team@acme.test"
+    await store.apply_configs(world.pool, [
+        caldav("acme-team", team_calendar={"address": team}),  # type: ignore[arg-type]
+    ], world.box)
+    world.calendars.unknown.add(team)
+    await settle(world.pool, world.settings, world.calendars)
+    token = world.token("acme", "read")
+    status, body = await world.api.call("GET", "/syncs/{sync}/items", token,
+                                        ids={"sync": "acme-team"}, query={"limit": "3"})
+    assert status == 200
+    items = body["items"]
+    cursor = body["next_cursor"]
+    while cursor:
+        _, more = await world.api.call("GET", "/syncs/{sync}/items", token,
+                                       ids={"sync": "acme-team"},
+                                       query={"limit": "3", "cursor": cursor})
+        items += more["items"]
+        cursor = more["next_cursor"]
+    got = {(i["absence_id"], i["target"]): (i["state"], i["mailbox"]) for i in items}
+    assert len(got) == len(items) == 2 * len(ACME_MAILBOXES)
+    assert got[("a3", "calendar")] == ("failed", GHOST)
+    assert got[("a3", "team")] == ("failed", team)
+    assert got[("a0", "calendar")] == ("synced", ACME_MAILBOXES[0])
+    status, sync = await world.api.call("GET", "/syncs/{sync}", token, ids={"sync": "acme-team"})
+    assert status == 200
+    assert sync["counts_by_target"] == {
+        "calendar": {"pending": 0, "synced": 3, "failed": 1, "deleted": 0},
+        "team": {"pending": 0, "synced": 0, "failed": 4, "deleted": 0},
+    }
+    assert sync["counts"]["failed"] == 5
+    assert sync["health"] == "degraded"
+    assert sync["cause"].startswith(f"The team calendar {team} cannot be written")
+    assert sync["configuration"]["team_calendar"] == {"address": team}

@@ -499,6 +499,16 @@ def test_anchor_slugs_follow_github() -> None:
     assert _slug("1. Wanted or not") == "1-wanted-or-not"
 
 
+def test_team_wanted_table() -> None:
+    for status, pending, rule, holds in _checked_table("team-wanted"):
+        assert holds in ("an event", "no event")
+        config = _typed(rule, sync_pending=_flag(pending))
+        event = render_team(_absence(status=status), config, "team@acme.com")
+        assert (event is not None) == (holds == "an event"), (status, pending, rule)
+        # the team calendar holds an event exactly when the employee's calendar does
+        assert (event is None) == (render(_absence(status=status), config) is None)
+
+
 def test_no_example_shows_a_placeholder_directory() -> None:
     """The Microsoft 365 directory is recorded by admin consent: examples leave
     `tenant_id` out instead of showing a made-up one to replace."""

@@ -282,3 +282,25 @@ async def test_items_of_a_mailbox_another_dispatcher_holds_are_deferred(
         assert calendar.calls == [("create", "free@acme.com")]
     else:  # no per-mailbox limit: nothing to lease
         assert held["status"] == "synced"
+
+
+async def test_a_create_in_doubt_at_a_mailbox_that_does_not_exist_goes_on_elsewhere(
+    pool: asyncpg.Pool,
+) -> None:
+    """The worker died with a create to a mailbox that does not exist in flight, and
+    the absence has moved to another mailbox since: the mailbox held nothing, so
+    the event is created where the absence is now (the item is not failed for the
+    mailbox it left)."""
+    await apply(pool, sync_config())
+    calendar = MemoryCalendar()
+    provider = MemoryProvider(calendar)
+    await record(pool, event("abs-moved", 1, email="jane.doe@acme.com"))
+    await pool.execute("UPDATE sync_items SET intent = 'create', mailbox = 'gone@acme.com',"
+                       " generation = 1")
+    calendar.fail_next(ProviderError(MAILBOX_NOT_FOUND, "no such mailbox", retriable=False))
+    await run(executor(pool), await jobs(pool, await lease(pool), provider))
+    assert calendar.calls == [("find", "gone@acme.com"), ("create", "jane.doe@acme.com")]
+    state = (await rows(pool))["abs-moved"]
+    assert (state["status"], state["mailbox"], state["intent"]) == (
+        "synced", "jane.doe@acme.com", None)
+    assert [e.event.mailbox for e in calendar.all()] == ["jane.doe@acme.com"]

@@ -153,3 +153,35 @@ def test_per_employee_causes_never_make_it_failing(
     assert verdict.status != "failing"
     if failed:
         assert verdict.status == "degraded"
+
+
+def test_a_failing_team_calendar_is_named_as_such() -> None:
+    """The team calendar's mailbox is not an employee's: the cause says to check the
+    configuration's team address, not the HR system's e-mail addresses."""
+    team = "team-paris@acme.com"
+    alone = assess([
+        Outcome(team, False, "mailbox_not_found"),
+        Outcome("jane@acme.com", True),
+        Outcome("john@acme.com", True),
+    ])
+    assert alone.status == "degraded"
+    assert cause_sentence(alone, "microsoft365", team_address="Team-Paris@acme.com") == (
+        "The team calendar team-paris@acme.com cannot be written (no such mailbox or "
+        "calendar): check the configuration's team_calendar.address."
+    )
+    both = assess([
+        Outcome(team, False, "mailbox_not_found"),
+        Outcome("ghost@acme.com", False, "mailbox_not_found"),
+        Outcome("jane@acme.com", True),
+        Outcome("john@acme.com", True),
+        Outcome("ann@acme.com", True),
+    ])
+    sentence = cause_sentence(both, "caldav", team_address=team)
+    assert sentence is not None
+    assert sentence.startswith("The team calendar team-paris@acme.com cannot be written")
+    assert sentence.endswith("check these employees' e-mail addresses: ghost@acme.com.")
+    # without a team calendar (or when it is fine) the sentence is the employees' one
+    assert cause_sentence(both, "caldav") == (
+        "Some mailboxes fail: check these employees' e-mail addresses: "
+        "ghost@acme.com, team-paris@acme.com."
+    )

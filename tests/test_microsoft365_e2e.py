@@ -154,11 +154,21 @@ class E2E:
             rows = await conn.fetch("SELECT * FROM sync_items")
         finally:
             await conn.close()
-        return {f"{r['config_id']}/{r['absence_id']}": r for r in rows}
+        return {f"{r['config_id']}/{r['absence_id']}": r for r in rows
+                if r["target"] == "calendar"}
+
+    async def items_by_target(self) -> list[asyncpg.Record]:
+        """Every item, of every target (`items` keeps the employees' calendars)."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return list(await conn.fetch("SELECT * FROM sync_items"))
+        finally:
+            await conn.close()
 
     async def settled(self, count: int) -> bool:
-        """`count` items, none pending nor leased (a stopped worker left nothing behind)."""
-        rows = (await self.items()).values()
+        """`count` items (of every target), none pending nor leased (a stopped worker
+        left nothing behind)."""
+        rows = await self.items_by_target()
         return len(rows) == count and all(
             r["change_seq"] <= r["done_seq"] and r["lease_until"] is None for r in rows
         )
@@ -631,3 +641,133 @@ async def test_two_workers_keep_the_mailbox_limit_together(e2e: E2E) -> None:
         assert await conn.fetchval("SELECT count(*) FROM mailbox_leases") == 0
     finally:
         await conn.close()
+
+
+# ---------------------------------------------------------------- 7. team calendars
+
+
+def team_mark(absence_id: str, config_id: str = CONFIG_ID) -> str:
+    return f"absence-sync-team:{config_id}:{absence_id}"
+
+
+def team_syncs(address: str) -> str:
+    return SYNCS + f"    team_calendar: {{address: {address}}}\n"
+
+
+async def _targets(e2e: E2E) -> dict[tuple[str, str], asyncpg.Record]:
+    return {(r["absence_id"], r["target"]): r for r in (await e2e.items_by_target())}
+
+
+async def test_team_calendar_receives_every_wanted_absence_through_graph(e2e: E2E) -> None:
+    """The shared mailbox holds one free, non-private event per wanted absence,
+    named after the employee, with the team mark; the employees' mailboxes hold
+    theirs as before. A mailbox that does not exist fails its own item only."""
+    team = e2e.mailbox("team")
+    await e2e.apply(team_syncs(team))
+    jane, john = e2e.mailbox("jane"), e2e.mailbox("john")
+    ghost = e2e.mailbox("ghost", register=False)
+    docs = [
+        absence("t-jane", 1, jane),
+        absence("t-john", 1, john, status="pending"),
+        absence("t-ghost", 1, ghost),
+        absence("t-denied", 1, john, status="denied"),
+    ]
+    docs[0]["data"]["employee"]["display_name"] = "Jane Doe"
+    await e2e.publish(docs)
+    worker = e2e.start()
+    await e2e.wait_settled(2 * len(docs))
+    at_team = by_mark(e2e, team)
+    assert sorted(at_team) == sorted(team_mark(a) for a in ("t-jane", "t-john", "t-ghost"))
+    local = {a: box.split("@")[0] for a, box in (("t-john", john), ("t-ghost", ghost))}
+    assert at_team[team_mark("t-jane")]["subject"] == "Jane Doe: Absent"
+    for absence_id, name in local.items():
+        assert at_team[team_mark(absence_id)]["subject"] == f"{name}: Absent"
+    for stored in at_team.values():
+        assert stored["showAs"] == "free"
+        assert stored["sensitivity"] == "normal"
+        assert stored["categories"] == ["Absences"]
+        assert stored["isReminderOn"] is False and stored["attendees"] == []
+    # the employees' events: private, out of office or tentative, their own marks
+    assert sorted(by_mark(e2e, jane)) == [mark("t-jane")]
+    assert by_mark(e2e, john)[mark("t-john")]["showAs"] == "tentative"
+    employee_tx = by_mark(e2e, jane)[mark("t-jane")]["transactionId"]
+    assert at_team[team_mark("t-jane")]["transactionId"] != employee_tx
+    rows = await _targets(e2e)
+    assert rows[("t-ghost", "calendar")]["status"] == "failed"
+    assert rows[("t-ghost", "calendar")]["last_error_code"] == "mailbox_not_found"
+    assert rows[("t-ghost", "team")]["status"] == "synced"
+    assert rows[("t-ghost", "team")]["mailbox"] == team.lower()
+
+    # approval, then cancellation: the team event follows (one update is not needed:
+    # it is free either way), then goes
+    before = len(e2e.requests([team]))
+    await e2e.publish([absence("t-john", 2, john)])
+    await wait_until(lambda: _show_as(e2e, john, mark("t-john"), "oof"), timeout=20)
+    await e2e.publish([absence("t-john", 3, john, status="cancelled")])
+    await wait_until(lambda: _gone(e2e, team, team_mark("t-john")), timeout=20)
+    await e2e.wait_settled(2 * len(docs))
+    writes = [r.method for r in e2e.requests([team])[before:] if r.method != "GET"]
+    assert writes == ["DELETE"]
+    assert mark("t-john") not in by_mark(e2e, john)
+
+    # the team calendar moves: old events deleted there, written at the new address
+    lyon = e2e.mailbox("lyon")
+    await e2e.cli("config", "apply", "-f", str(_write(e2e, team_syncs(lyon))))
+    await wait_until(lambda: _count(e2e, lyon, 2), timeout=30)
+    await e2e.wait_settled(2 * len(docs))
+    assert by_mark(e2e, team) == {}
+    assert sorted(by_mark(e2e, lyon)) == sorted(team_mark(a) for a in ("t-jane", "t-ghost"))
+    await worker.terminate(e2e.shutdown_budget)
+    assert not e2e.graph.unexpected
+
+
+def _write(e2e: E2E, syncs: str) -> Path:
+    path = e2e.tmp / "syncs.yaml"
+    path.write_text(textwrap.dedent(syncs), encoding="utf-8")
+    return path
+
+
+async def _show_as(e2e: E2E, mailbox: str, value: str, show_as: str) -> bool:
+    stored = by_mark(e2e, mailbox).get(value)
+    return stored is not None and stored["showAs"] == show_as
+
+
+async def _count(e2e: E2E, mailbox: str, count: int) -> bool:
+    return len(by_mark(e2e, mailbox)) == count
+
+
+async def test_sigkill_mid_way_leaves_exactly_one_team_event_per_absence(e2e: E2E) -> None:
+    """Creates of team events caught in flight by SIGKILL are adopted by their
+    mark after the restart: the shared mailbox ends with one event per absence."""
+    team = e2e.mailbox("crashteam")
+    await e2e.apply(team_syncs(team))
+    boxes = [e2e.mailbox(f"tcrash{n}") for n in range(5)]
+    for box in [*boxes, team]:
+        e2e.graph.latency[box.lower()] = 0.05
+    docs = [
+        absence(f"t-{n:03}", 1, boxes[n % len(boxes)],
+                start=(f"2027-03-{n % 28 + 1:02}", "am"), end=(f"2027-03-{n % 28 + 1:02}", "pm"))
+        for n in range(80)
+    ]
+    await e2e.publish(docs)
+    env = {"ABSENCE_SYNC_REQUEST_TIMEOUT_SECONDS": "2", "ABSENCE_SYNC_LEASE_SECONDS": "5"}
+    worker = e2e.start(**env)
+
+    async def some_team_events() -> bool:
+        return sum(e2e.marks([team]).values()) >= 10
+
+    try:
+        await wait_until(some_team_events, timeout=30, interval=0.005)
+        await worker.kill()
+        assert sum(e2e.marks([team]).values()) < len(docs), "finished before the kill"
+        worker = e2e.start(**env)
+        await e2e.wait_settled(2 * len(docs), timeout=60)
+    finally:
+        for box in [*boxes, team]:
+            e2e.graph.latency.pop(box.lower(), None)
+    await worker.terminate(e2e.shutdown_budget)
+    assert e2e.marks([team]) == {team_mark(f"t-{n:03}"): 1 for n in range(80)}
+    assert e2e.marks(boxes) == {mark(f"t-{n:03}"): 1 for n in range(80)}
+    for r in (await _targets(e2e)).values():
+        assert r["status"] == "synced"
+        assert r["event_id"] in e2e.graph.events[r["mailbox"]]

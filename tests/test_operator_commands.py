@@ -116,6 +116,27 @@ async def test_status_shows_reachability_lag_backlog_and_health(
                for line in lines), out
 
 
+async def test_connection_settings_are_also_flags(settings: Settings) -> None:
+    """`--database-url`, `--kafka-bootstrap-servers`, `--topic`, `--group-id` override
+    their variables, so a command needs no environment at all."""
+    flags = ["--kafka-bootstrap-servers", settings.kafka_bootstrap_servers,
+             "--database-url", settings.database_url or "", "--topic", settings.topic,
+             "--dlq-topic", settings.dlq_topic, "--group-id", settings.group_id]
+    code, out, err = await cli({}, "migrate", "--database-url", settings.database_url or "")
+    assert code == 0, err
+    code, out, err = await cli({}, "status", "--json", *flags)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["ok"] is True and doc["kafka"]["ok"] is True and doc["database"]["ok"] is True
+    assert f"topic {settings.topic}: does not exist" in (await cli({}, "status", *flags))[1]
+    # a flag wins over its variable
+    env = {**env_of(settings), "ABSENCE_SYNC_DATABASE_URL": "postgresql://127.0.0.1:1/nothing"}
+    code, _, err = await cli(env, "status", "--json", "--database-url", settings.database_url or "")
+    assert code == 0, err
+    code, _, err = await cli({}, "migrate")
+    assert code == 2 and "ABSENCE_SYNC_DATABASE_URL" in err and "--embedded" in err
+
+
 async def test_status_names_what_is_unreachable(settings: Settings, tmp_path: Path) -> None:
     from tests.test_operator import _closed_port
 
@@ -163,11 +184,12 @@ async def test_items_lists_failures_with_code_message_and_hint(
     assert item["absence_id"] == "abs-ghost" and item["state"] == "failed"
     assert item["code"] == MAILBOX_NOT_FOUND
     assert item["message"] == "no mailbox ghost@acme.com"
+    assert item["target"] == "calendar"
     assert item["hint"] and item["mailbox"] == "ghost@acme.com"
 
     code, out, err = await cli(env, "items", "--config", "acme-cal")
     assert code == 0, err
-    assert out.splitlines()[0].split()[:4] == ["ABSENCE", "STATE", "MAILBOX", "CODE"]
+    assert out.splitlines()[0].split()[:5] == ["ABSENCE", "TARGET", "STATE", "MAILBOX", "CODE"]
     assert "abs-ghost" in out and "abs-jane" in out and "hint: " in out
 
     code, out, _ = await cli(env, "items", "--config", "acme-cal", "--limit", "1")

@@ -180,6 +180,35 @@ async def test_static_assets_come_from_the_worker(client: Client) -> None:
     assert "http://" not in page and "https://" not in page  # no CDN, nothing external
 
 
+async def test_the_team_calendar_on_the_page_and_kept_by_the_settings_form(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    """The page names the team calendar and marks its failed items as such; saving
+    the settings form keeps it (the form has no field for it)."""
+    team = "team@acme.test"
+    settings = admin_settings(dsn, public_url=None)
+    await store.apply_configs(pool, [SyncConfig(
+        id="acme-team", tenant="acme", provider="caldav", provider_settings=DAV,
+        team_calendar={"address": team},  # type: ignore[arg-type]
+    )], SecretBox(None))
+    await settle(pool, settings, Calendars(settings, unknown={"ghost@acme.test", team}))
+    csrf = await sign_in(client, await new_token(pool, "acme", "configure"))
+    page = await (await client.get("/ui/syncs/acme-team")).text()
+    assert f"team calendar {team}" in page
+    assert f"team calendar: {team}" in page  # the failed team items
+    assert "The team calendar team@acme.test cannot be written" in page
+    form = {"csrf": csrf, "hidden_label": "Away", "busy_as": "busy", "free_as": "free",
+            "morning": "09:00-12:30", "afternoon": "13:30-18:00", "time_zone": "UTC",
+            "hide_labels": "1", "sync_pending": "1", "establishments": ""}
+    response = await client.post("/ui/syncs/acme-team/settings", data=form,
+                                 allow_redirects=False)
+    assert response.status == 303, await response.text()
+    stored = await store.get_config(pool, "acme-team")
+    assert stored is not None and stored.config.hidden_label == "Away"
+    assert stored.config.team_calendar is not None
+    assert stored.config.team_calendar.address == team
+
+
 # --- Test connection ---------------------------------------------------------------
 
 

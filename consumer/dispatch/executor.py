@@ -51,7 +51,10 @@ from consumer.providers.base import (
     Provider,
     ProviderError,
 )
-from consumer.render import DesiredEvent, render
+from consumer.render import DesiredEvent
+from consumer.targets import CALENDAR
+from consumer.targets import spec as target_spec
+from consumer.targets import transaction_id as _transaction_id
 
 log = logs.get("dispatch")
 T = TypeVar("T")
@@ -85,8 +88,11 @@ class RetryPolicy:
         return now + dt.timedelta(seconds=self.delay(attempts, retry_after))
 
 
-def transaction_id(config_id: str, absence_id: str, generation: int) -> str:
-    return f"{config_id}/{absence_id}/{generation}"
+def transaction_id(
+    config_id: str, absence_id: str, generation: int, target: str = CALENDAR
+) -> str:
+    """The create transaction id of an item's generation (`consumer.targets`)."""
+    return _transaction_id(config_id, absence_id, generation, target)
 
 
 class LeaseExpired(Exception):
@@ -256,7 +262,7 @@ class Executor:
                 steps.append(_Step(job, resolved.provider, batch.stats))
         sure = [s for s in steps if not s.item.in_doubt]
         for step, (desired, action) in zip(sure, plan_batch(
-            (render(s.item.absence, s.job.resolved.stored.config),
+            (_render(s),
              Recorded(s.item.event_id, s.item.mailbox, s.item.applied_hash), s.item.force)
             for s in sure
         ), strict=True):
@@ -451,7 +457,7 @@ class Executor:
                 batch.clock, lambda: self._intents.submit((item, target.mailbox, generation))
             )
             step.intent_recorded = True
-        tx = transaction_id(item.config_id, item.absence_id, generation)
+        tx = transaction_id(item.config_id, item.absence_id, generation, item.target)
         event_id = await self._call(
             step, target.mailbox, "create",
             lambda: step.provider.create(target, transaction_id=tx),
@@ -459,16 +465,25 @@ class Executor:
         return str(event_id)
 
     async def _adopt(self, step: _Step) -> None:
-        """A create may have landed before a crash: find it by its mark, keep one,
-        then plan against what was found."""
-        from consumer.render import Mark
+        """A create may have landed before a crash: find it by its mark (the item's
+        target's), keep one, then plan against what was found.
 
+        A mailbox that does not exist holds nothing: the plan then goes on from
+        there (the absence may want another mailbox by now; if it still wants
+        that one, its create fails for itself)."""
         item = step.item
         mailbox = item.mailbox
         assert mailbox is not None
         step.operation = "adopt"
-        mark = Mark(item.config_id, item.absence_id)
-        found = await self._call(step, mailbox, "find", lambda: step.provider.find(mailbox, mark))
+        mark = target_spec(item.target).mark(item.config_id, item.absence_id)
+        try:
+            found = await self._call(
+                step, mailbox, "find", lambda: step.provider.find(mailbox, mark)
+            )
+        except ProviderError as exc:
+            if exc.code != MAILBOX_NOT_FOUND:
+                raise
+            found = []
         recorded = Recorded()
         ids = list(found)
         if ids:
@@ -476,9 +491,9 @@ class Executor:
                 await self._call(step, mailbox, "delete",
                                  _bind(step.provider.delete, mailbox, extra))
             log.info("adopted event written before a crash", config=item.config_id,
-                     absence=item.absence_id)
+                     absence=item.absence_id, target=item.target)
             recorded = Recorded(ids[0], mailbox, None)
-        step.desired = render(item.absence, step.job.resolved.stored.config)
+        step.desired = _render(step)
         (step.desired, step.action), = plan_batch([(step.desired, recorded, item.force)])
         step.operation = "resolve"
 
@@ -564,9 +579,11 @@ class Executor:
             "calendar write failed", code=str(exc.code), retriable=exc.retriable,
             retry_after=exc.retry_after, error=exc.message[:300], operation=operation,
             tenant=item.tenant, config=item.config_id, absence=item.absence_id,
+            target=item.target,
         )
         batch.failed.append((item, store.Failure(
             str(exc.code), exc.message, exc.hint, retry_at, clear,
+            _address(step),
         ), operation))
 
     def _crashed(self, batch: _Batch, step: _Step, exc: Exception) -> None:
@@ -582,12 +599,13 @@ class Executor:
             "internal error while syncing an item; recorded as provider_error, retried "
             "with back-off", error_type=type(exc).__name__, operation=step.operation,
             traceback=traceback_of(exc), tenant=item.tenant, config=item.config_id,
-            absence=item.absence_id,
+            absence=item.absence_id, target=item.target,
         )
         batch.failed.append((item, store.Failure(
             PROVIDER_ERROR, f"internal error ({type(exc).__name__}) during {step.operation}",
             INTERNAL_ERROR_HINT, self.policy.next_attempt(item.attempts, None,
                                                           item.first_failure_at),
+            mailbox=_address(step),
         ), step.operation))
 
     # ------------------------------------------------------------------ plumbing
@@ -645,14 +663,35 @@ class Executor:
         return child
 
 
+def _render(step: _Step) -> DesiredEvent | None:
+    """What the item's target should hold (`consumer.targets`)."""
+    item = step.item
+    return target_spec(item.target).render(item.absence, step.job.resolved.stored.config)
+
+
+def _address(step: _Step | None) -> str | None:
+    """The mailbox an item's work is for, when known (a failure's history row)."""
+    if step is None:
+        return None
+    if step.desired is not None:
+        return step.desired.mailbox
+    item = step.item
+    return item.mailbox or target_spec(item.target).address(
+        item.absence, step.job.resolved.stored.config
+    )
+
+
 def _mailboxes(step: _Step) -> Iterable[str]:
     """The mailboxes an item's work will call."""
     action, item = step.action, step.item
     if action is None:  # in doubt: the adoption, then whatever it leads to
         if item.mailbox:
             yield item.mailbox
-        if item.absence.employee is not None:
-            yield item.absence.employee.target_address
+        address = target_spec(item.target).address(
+            item.absence, step.job.resolved.stored.config
+        )
+        if address is not None:
+            yield address
         return
     if isinstance(action, Create | Update):
         yield action.desired.mailbox

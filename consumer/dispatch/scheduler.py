@@ -39,7 +39,7 @@ from consumer.settings import Settings
 
 log = logs.get("dispatch")
 
-_Key = tuple[str, str]
+_Key = tuple[str, str, str]  # (configuration, absence, target)
 #: a tenant whose every slot has been taken for this long gets no more work
 BUSY_AFTER_SECONDS = 0.25
 
@@ -173,7 +173,7 @@ class Dispatcher:
             - settings.request_timeout_seconds
         )
         for item in items:
-            key = (item.config_id, item.absence_id)
+            key = item.key
             self._in_flight[key] = item
             self._working.add(key)
         task = asyncio.create_task(self._run_batch(items, clock))
@@ -210,7 +210,7 @@ class Dispatcher:
     def _item_free(self, item: store.Claimed) -> None:
         """Its calls are over: its slot goes to the next batch (the outcome may still
         be on its way to the database)."""
-        key = (item.config_id, item.absence_id)
+        key = item.key
         if key not in self._working:
             return
         self._working.discard(key)
@@ -220,7 +220,7 @@ class Dispatcher:
 
     def _item_done(self, item: store.Claimed) -> None:
         self._item_free(item)
-        self._in_flight.pop((item.config_id, item.absence_id), None)
+        self._in_flight.pop(item.key, None)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         items = self._batches.pop(task, [])
@@ -228,7 +228,7 @@ class Dispatcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatch batch crashed", error_type=type(task.exception()).__name__,
                       traceback=traceback_of(task.exception()))  # type: ignore[arg-type]
-        leftover = [i for i in items if (i.config_id, i.absence_id) in self._in_flight]
+        leftover = [i for i in items if i.key in self._in_flight]
         for item in leftover:  # left to their leases (drain hands them back first)
             self._item_done(item)
         self.metrics.in_flight.set(len(self._working))

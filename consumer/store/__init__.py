@@ -24,6 +24,7 @@ from consumer.config import SyncConfig
 from consumer.errors import Unreachable, dsn_address
 from consumer.events import Absence, InvalidEvent, absence_from_data
 from consumer.secrets import SecretBox, SecretsError
+from consumer.targets import CALENDAR, KNOWN, targets_of
 
 MIGRATION_LOCK = 0x616273656E6365  # "absence"
 BINDING_LOCK = 0x62696E64  # "bind": configuration ids and directories change one at a time
@@ -277,14 +278,15 @@ async def apply_configs(
                 )
             if old is not None and (mismatch := _consent_mismatch(config, old)) is not None:
                 raise mismatch
+            targets = targets_of(config)
             if old is None:
                 await conn.execute(
                     "INSERT INTO sync_configs (id, tenant, provider, settings, secrets,"
-                    " render_hash) VALUES ($1, $2, $3, $4::jsonb, $5, $6)",
+                    " render_hash, targets) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::text[])",
                     config.id, config.tenant, config.provider, settings,
-                    encrypted[config.id], render_hash,
+                    encrypted[config.id], render_hash, targets,
                 )
-                await _backfill_items(conn, config.id, config.tenant)
+                await _backfill_items(conn, config.id, config.tenant, targets)
                 outcome[config.id] = "created"
                 continue
             same_settings = json.loads(old["settings"]) == json.loads(settings)
@@ -294,11 +296,17 @@ async def apply_configs(
                 continue
             await conn.execute(
                 "UPDATE sync_configs SET tenant = $2, provider = $3, settings = $4::jsonb,"
-                " secrets = $5, render_hash = $6, revision = revision + 1, updated_at = now()"
-                " WHERE id = $1",
+                " secrets = $5, render_hash = $6, revision = revision + 1, updated_at = now(),"
+                " targets = $7::text[] WHERE id = $1",
                 config.id, config.tenant, config.provider, settings,
-                encrypted[config.id], render_hash,
+                encrypted[config.id], render_hash, targets,
             )
+            # a target the configuration gains (say a team calendar) gets an item per
+            # known absence; items of a target it lost are re-queued below and delete
+            # their events (nothing renders for them any more)
+            added = [t for t in targets if t not in old["targets"]]
+            if added:
+                await _backfill_items(conn, config.id, config.tenant, added)
             if old["render_hash"] != render_hash or old["provider"] != config.provider:
                 await requeue(conn, config.id, only_failed=False)
             else:
@@ -321,16 +329,20 @@ def _same_secrets(box: SecretBox, old: asyncpg.Record, config: SyncConfig, *,
         raise
 
 
-async def _backfill_items(conn: asyncpg.Connection, config_id: str, tenant: str) -> None:
-    """Give a (new) configuration an item per known absence of its tenant.
+async def _backfill_items(
+    conn: asyncpg.Connection, config_id: str, tenant: str, targets: Sequence[str]
+) -> None:
+    """Give a configuration an item per known absence of its tenant and per target
+    in `targets` (a new configuration, or targets it gained).
 
     An existing item is already kept current by intake (`_RECORD`), so it is left alone.
     """
     await conn.execute(
-        "INSERT INTO sync_items (config_id, tenant, absence_id, event_time)"
-        " SELECT $1, a.tenant, a.id, a.event_time FROM absences a WHERE a.tenant = $2"
-        " ON CONFLICT (config_id, absence_id) DO NOTHING",
-        config_id, tenant,
+        "INSERT INTO sync_items (config_id, tenant, absence_id, event_time, target)"
+        " SELECT $1, a.tenant, a.id, a.event_time, t.target FROM absences a"
+        " CROSS JOIN unnest($3::text[]) AS t(target) WHERE a.tenant = $2"
+        " ON CONFLICT (config_id, absence_id, target) DO NOTHING",
+        config_id, tenant, list(targets),
     )
 
 
@@ -390,8 +402,8 @@ async def sample_mailbox(pool: asyncpg.Pool, config_id: str) -> str | None:
     else the latest employee of its tenant), for `config test`."""
     mailbox: str | None = await pool.fetchval(
         "SELECT mailbox FROM sync_items WHERE config_id = $1 AND mailbox IS NOT NULL"
-        " ORDER BY updated_at DESC LIMIT 1",
-        config_id,
+        " AND target = $2 ORDER BY updated_at DESC LIMIT 1",
+        config_id, CALENDAR,
     )
     if mailbox:
         return mailbox
@@ -546,10 +558,12 @@ WITH incoming AS (
     WHERE a.version < EXCLUDED.version
     RETURNING a.tenant, a.id, a.event_time
 ), marked AS (
-    INSERT INTO sync_items AS s (config_id, tenant, absence_id, event_time)
-    SELECT c.id, up.tenant, up.id, up.event_time
+    -- one item per target of each configuration of the tenant
+    INSERT INTO sync_items AS s (config_id, tenant, absence_id, event_time, target)
+    SELECT c.id, up.tenant, up.id, up.event_time, t.target
     FROM up JOIN sync_configs c ON c.tenant = up.tenant
-    ON CONFLICT (config_id, absence_id) DO UPDATE SET
+    CROSS JOIN LATERAL unnest(c.targets) AS t(target)
+    ON CONFLICT (config_id, absence_id, target) DO UPDATE SET
         change_seq = s.change_seq + 1, status = 'pending', attempts = 0,
         next_attempt_at = now(), first_failure_at = NULL, event_time = EXCLUDED.event_time,
         pending_since = CASE WHEN s.change_seq > s.done_seq THEN s.pending_since ELSE now() END,
@@ -655,6 +669,13 @@ class Claimed:
     absence: Absence
     #: the configuration's revision when the item was leased
     config_revision: int = 0
+    #: where the item writes (`consumer.targets`): `calendar`, `team`...
+    target: str = CALENDAR
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The item's key: (configuration, absence, target)."""
+        return self.config_id, self.absence_id, self.target
 
     @property
     def in_doubt(self) -> bool:
@@ -671,7 +692,11 @@ _DUE = (
 #: Every rule deciding whether an item may be leased lives here: rules on the
 #: item (`s`, sync_items) and rules on its configuration (`c`, sync_configs,
 #: e.g. `NOT c.paused`). The scan stays in due order on the index either way.
-ITEM_FILTERS: tuple[str, ...] = (_DUE,)
+#: Only items of the targets this version knows are leased (`consumer.targets`:
+#: the names are constants of ours, never input).
+ITEM_FILTERS: tuple[str, ...] = (
+    _DUE, "s.target IN (" + ", ".join(f"'{t}'" for t in KNOWN) + ")",
+)
 #: THE PAUSE FILTER (`absence-sync config pause`): the items of a paused
 #: configuration stay pending (intake keeps marking them) and are not claimed,
 #: so nothing is written until `config resume`; a purge still deletes its events.
@@ -692,7 +717,7 @@ _CLAIM = f"""
 WITH oldest AS (
     -- bounded scan in due order (index sync_items_due); tenants at their limit
     -- are skipped, so another tenant's backlog never hides this one's work
-    SELECT s.config_id, s.absence_id, s.tenant, s.next_attempt_at
+    SELECT s.config_id, s.absence_id, s.target, s.tenant, s.next_attempt_at
     FROM sync_items s
     WHERE {_claim_filters()} AND NOT (s.tenant = ANY($2::text[]))
     ORDER BY s.next_attempt_at
@@ -700,7 +725,7 @@ WITH oldest AS (
 ), candidates AS (
     -- tenants take turns (each one's oldest, then each one's second...), so a
     -- large backlog shares the batch with the small ones and fills it alone
-    SELECT r.config_id, r.absence_id FROM (
+    SELECT r.config_id, r.absence_id, r.target FROM (
         SELECT o.*, row_number() OVER (PARTITION BY o.tenant ORDER BY o.next_attempt_at) AS rn
         FROM oldest o
     ) r
@@ -708,18 +733,20 @@ WITH oldest AS (
     LIMIT $1
 ), locked AS (
     -- each candidate by its key, still due and not leased meanwhile
-    SELECT l.config_id, l.absence_id FROM candidates c, LATERAL (
-        SELECT s.config_id, s.absence_id FROM sync_items s
-        WHERE s.config_id = c.config_id AND s.absence_id = c.absence_id AND {_DUE}
+    SELECT l.config_id, l.absence_id, l.target FROM candidates c, LATERAL (
+        SELECT s.config_id, s.absence_id, s.target FROM sync_items s
+        WHERE s.config_id = c.config_id AND s.absence_id = c.absence_id
+          AND s.target = c.target AND {_DUE}
         FOR UPDATE SKIP LOCKED
     ) l
 )
 UPDATE sync_items s SET lease_until = now() + make_interval(secs => $3), lease_owner = $4
 FROM locked, absences a
 WHERE s.config_id = locked.config_id AND s.absence_id = locked.absence_id
-  AND a.tenant = s.tenant AND a.id = s.absence_id
-RETURNING s.config_id, s.tenant, s.absence_id, s.change_seq, s.force, s.event_id, s.mailbox,
-    s.applied_hash, s.generation, s.intent, s.attempts, s.first_failure_at, s.pending_since,
+  AND s.target = locked.target AND a.tenant = s.tenant AND a.id = s.absence_id
+RETURNING s.config_id, s.tenant, s.absence_id, s.target, s.change_seq, s.force, s.event_id,
+    s.mailbox, s.applied_hash, s.generation, s.intent, s.attempts,
+    s.first_failure_at, s.pending_since,
     s.event_time, a.deleted AS a_deleted, a.version AS a_version,
     (SELECT c.revision FROM sync_configs c WHERE c.id = s.config_id) AS config_revision
 """
@@ -783,7 +810,7 @@ async def claim(
             r["config_id"], r["tenant"], r["absence_id"], r["change_seq"], r["force"],
             r["event_id"], r["mailbox"], r["applied_hash"], r["generation"], r["intent"],
             r["attempts"], r["first_failure_at"], r["pending_since"], r["event_time"], absence,
-            r["config_revision"],
+            r["config_revision"], r["target"],
         ))
     if broken:
         await _fail_unreadable(pool, broken)
@@ -799,10 +826,12 @@ async def _fail_unreadable(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -
         " last_error_message = 'the recorded absence no longer passes validation',"
         " last_error_hint = 'The HR system must publish this absence again (a newer version).',"
         " first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()"
-        " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS i(config_id, absence_id, seq)"
-        " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id",
+        " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])"
+        " AS i(config_id, absence_id, seq, target)"
+        " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id"
+        " AND s.target = i.target",
         [r["config_id"] for r in rows], [r["absence_id"] for r in rows],
-        [r["change_seq"] for r in rows],
+        [r["change_seq"] for r in rows], [r["target"] for r in rows],
     )
 
 
@@ -818,11 +847,12 @@ async def begin_creates(pool: asyncpg.Pool, rows: Sequence[tuple[Claimed, str, i
         "UPDATE sync_items s SET intent = 'create', mailbox = i.mailbox, event_id = NULL,"
         " generation = i.generation, updated_at = now()"
         " FROM jsonb_to_recordset($1::jsonb)"
-        " AS i(config_id text, absence_id text, mailbox text, generation bigint)"
-        " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id",
+        " AS i(config_id text, absence_id text, target text, mailbox text, generation bigint)"
+        " WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id"
+        " AND s.target = i.target",
         _json_text([
-            {"config_id": r[0].config_id, "absence_id": r[0].absence_id, "mailbox": r[1],
-             "generation": r[2]}
+            {"config_id": r[0].config_id, "absence_id": r[0].absence_id,
+             "target": r[0].target, "mailbox": r[1], "generation": r[2]}
             for r in rows
         ]),
     )
@@ -837,10 +867,11 @@ async def renew_leases(
         return 0
     result: str = await pool.execute(
         "UPDATE sync_items s SET lease_until = now() + make_interval(secs => $4)"
-        " FROM unnest($1::text[], $2::text[]) AS k(config_id, absence_id)"
+        " FROM unnest($1::text[], $2::text[], $5::text[]) AS k(config_id, absence_id, target)"
         " WHERE s.config_id = k.config_id AND s.absence_id = k.absence_id"
-        " AND s.lease_owner = $3",
+        " AND s.target = k.target AND s.lease_owner = $3",
         [i.config_id for i in items], [i.absence_id for i in items], owner, lease_seconds,
+        [i.target for i in items],
     )
     return _count(result)
 
@@ -866,6 +897,8 @@ class Failure:
     hint: str
     retry_at: dt.datetime | None
     clear_intent: bool = False
+    #: the mailbox the failed call was for, when the item has none recorded yet
+    mailbox: str | None = None
 
 
 _OUTCOMES = """
@@ -878,10 +911,10 @@ WITH done AS (
         last_error_code = NULL, last_error_message = NULL, last_error_hint = NULL,
         updated_at = now(), synced_at = CASE WHEN i.op = 'noop' THEN s.synced_at ELSE now() END
     FROM jsonb_to_recordset($1::jsonb)
-        AS i(config_id text, absence_id text, seq bigint, status text, wanted boolean,
-             event_id text, mailbox text, hash text, op text)
-    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
-    RETURNING s.config_id, s.absence_id, i.op, i.mailbox
+        AS i(config_id text, absence_id text, target text, seq bigint, status text,
+             wanted boolean, event_id text, mailbox text, hash text, op text)
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id AND s.target = i.target
+    RETURNING s.config_id, s.absence_id, s.target, i.op, i.mailbox
 ), failed AS (
     UPDATE sync_items s SET
         done_seq = CASE WHEN i.retry_at IS NULL THEN GREATEST(s.done_seq, i.seq)
@@ -894,23 +927,25 @@ WITH done AS (
         last_error_code = i.code, last_error_message = i.message, last_error_hint = i.hint,
         first_failure_at = COALESCE(s.first_failure_at, now()), updated_at = now()
     FROM jsonb_to_recordset($2::jsonb)
-        AS i(config_id text, absence_id text, seq bigint, code text, message text, hint text,
-             retry_at timestamptz, op text, clear_intent boolean, target text)
-    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
+        AS i(config_id text, absence_id text, target text, seq bigint, code text,
+             message text, hint text, retry_at timestamptz, op text, clear_intent boolean,
+             address text)
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id AND s.target = i.target
     -- the mailbox the failed call was for (set before a create), else the target address
-    RETURNING s.config_id, s.absence_id, i.op, i.code, i.message,
-        COALESCE(s.mailbox, i.target) AS mailbox
+    RETURNING s.config_id, s.absence_id, s.target, i.op, i.code, i.message,
+        COALESCE(s.mailbox, i.address) AS mailbox
 ), deferred AS (
     UPDATE sync_items s SET lease_until = NULL, lease_owner = NULL,
         next_attempt_at = now() + make_interval(secs => $4)
-    FROM jsonb_to_recordset($3::jsonb) AS i(config_id text, absence_id text)
-    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id
+    FROM jsonb_to_recordset($3::jsonb) AS i(config_id text, absence_id text, target text)
+    WHERE s.config_id = i.config_id AND s.absence_id = i.absence_id AND s.target = i.target
     RETURNING 1
 )
-INSERT INTO sync_log (config_id, absence_id, operation, outcome, error_code, message, mailbox)
-SELECT config_id, absence_id, op, 'ok', NULL, NULL, mailbox FROM done WHERE op <> 'noop'
+INSERT INTO sync_log (config_id, absence_id, target, operation, outcome, error_code, message,
+                      mailbox)
+SELECT config_id, absence_id, target, op, 'ok', NULL, NULL, mailbox FROM done WHERE op <> 'noop'
 UNION ALL
-SELECT config_id, absence_id, op, 'error', code, left(message, 500), mailbox FROM failed
+SELECT config_id, absence_id, target, op, 'error', code, left(message, 500), mailbox FROM failed
 """
 
 
@@ -927,26 +962,31 @@ async def record_outcomes(
     rows, and `deferred` items (not attempted: leased again after
     `defer_seconds`, no attempt counted). An item that changed meanwhile stays
     pending; every operation but a no-op goes to the history."""
-    def target(item: Claimed) -> str | None:
+    def address(item: Claimed, failure: Failure) -> str | None:
+        if item.mailbox or failure.mailbox:
+            return item.mailbox or failure.mailbox
         employee = item.absence.employee
-        return item.mailbox or (employee.target_address if employee else None)
+        return employee.target_address if employee and item.target == CALENDAR else None
 
     await pool.execute(
         _OUTCOMES,
         _json_text([
-            {"config_id": i.config_id, "absence_id": i.absence_id, "seq": i.change_seq,
-             "status": o.status, "wanted": o.wanted, "event_id": o.event_id,
-             "mailbox": o.mailbox, "hash": o.applied_hash, "op": op}
+            {"config_id": i.config_id, "absence_id": i.absence_id, "target": i.target,
+             "seq": i.change_seq, "status": o.status, "wanted": o.wanted,
+             "event_id": o.event_id, "mailbox": o.mailbox, "hash": o.applied_hash, "op": op}
             for i, o, op in done
         ]),
         _json_text([
-            {"config_id": i.config_id, "absence_id": i.absence_id, "seq": i.change_seq,
-             "code": str(f.code), "message": f.message[:2000], "hint": f.hint,
-             "retry_at": f.retry_at, "op": op, "clear_intent": f.clear_intent,
-             "target": target(i)}
+            {"config_id": i.config_id, "absence_id": i.absence_id, "target": i.target,
+             "seq": i.change_seq, "code": str(f.code), "message": f.message[:2000],
+             "hint": f.hint, "retry_at": f.retry_at, "op": op, "clear_intent": f.clear_intent,
+             "address": address(i, f)}
             for i, f, op in failed
         ]),
-        _json_text([{"config_id": i.config_id, "absence_id": i.absence_id} for i in deferred]),
+        _json_text([
+            {"config_id": i.config_id, "absence_id": i.absence_id, "target": i.target}
+            for i in deferred
+        ]),
         defer_seconds,
     )
 
@@ -957,8 +997,9 @@ async def release(pool: asyncpg.Pool, items: Sequence[Claimed]) -> None:
         return
     await pool.execute(
         "UPDATE sync_items SET lease_until = NULL, lease_owner = NULL"
-        " WHERE (config_id, absence_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-        [i.config_id for i in items], [i.absence_id for i in items],
+        " WHERE (config_id, absence_id, target) IN"
+        " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
+        [i.config_id for i in items], [i.absence_id for i in items], [i.target for i in items],
     )
 
 
@@ -1020,7 +1061,7 @@ _TRIM_ITEM_HISTORY = """
 DELETE FROM sync_log WHERE id IN (
     SELECT id FROM (
         SELECT id, row_number() OVER (
-            PARTITION BY config_id, absence_id ORDER BY id DESC
+            PARTITION BY config_id, absence_id, target ORDER BY id DESC
         ) AS newer
         FROM sync_log
     ) ranked
@@ -1123,6 +1164,21 @@ async def backlog(pool: asyncpg.Pool) -> Backlog:
     return Backlog(int(row["n"]), float(row["age"]))
 
 
+async def status_counts_by_target(
+    pool: asyncpg.Pool, config_id: str
+) -> dict[str, dict[str, int]]:
+    """Items of a configuration per target (`calendar`, `team`...) and status."""
+    rows = await pool.fetch(
+        "SELECT target, status, count(*) AS n FROM sync_items WHERE config_id = $1"
+        " GROUP BY target, status ORDER BY target, status",
+        config_id,
+    )
+    found: dict[str, dict[str, int]] = {}
+    for r in rows:
+        found.setdefault(r["target"], {})[r["status"]] = int(r["n"])
+    return found
+
+
 async def status_counts(pool: asyncpg.Pool, config_id: str | None = None) -> dict[str, int]:
     rows = await pool.fetch(
         "SELECT status, count(*) AS n FROM sync_items"
@@ -1210,17 +1266,22 @@ async def resync_scope(
 
 
 _MARK = """
-INSERT INTO sync_items AS s (config_id, tenant, absence_id, force, resync_job, resync_seq)
-SELECT i.config_id, i.tenant, i.absence_id, $4, $5, 1
+INSERT INTO sync_items AS s (config_id, tenant, absence_id, target, force, resync_job,
+                             resync_seq)
+SELECT i.config_id, i.tenant, i.absence_id, t.target, $4, $5, 1
 FROM unnest($1::text[], $2::text[], $3::text[]) AS i(config_id, tenant, absence_id)
-ORDER BY i.config_id, i.absence_id
-ON CONFLICT (config_id, absence_id) DO UPDATE SET
+-- every target of the configuration (its employee calendar, its team calendar...)
+JOIN sync_configs c ON c.id = i.config_id
+CROSS JOIN LATERAL unnest(c.targets) AS t(target)
+ORDER BY i.config_id, i.absence_id, t.target
+ON CONFLICT (config_id, absence_id, target) DO UPDATE SET
     change_seq = s.change_seq + 1, status = 'pending', attempts = 0,
     next_attempt_at = now(), first_failure_at = NULL, force = s.force OR EXCLUDED.force,
     pending_since = CASE WHEN s.change_seq > s.done_seq THEN s.pending_since ELSE now() END,
     -- a resync write is not an event's end-to-end latency
     event_time = NULL, updated_at = now(),
     resync_job = EXCLUDED.resync_job, resync_seq = s.change_seq + 1, resync_outcome = NULL
+RETURNING s.target
 """
 
 
@@ -1232,7 +1293,8 @@ async def mark_for_resync(
     force: bool,
 ) -> int:
     """Mark (config id, tenant, absence id) pairs for a write on behalf of job
-    `job_id` (created when missing); returns how many were marked.
+    `job_id` (created when missing), the item of each target of the
+    configuration; returns how many pairs were marked.
 
     Locks like `record_replayed`, so marking beside the live intake never
     deadlocks, and holds the configurations so none disappears meanwhile."""
@@ -1247,11 +1309,11 @@ async def mark_for_resync(
             )
         }
         kept = [p for p in pairs if p[0] in alive]
-        result: str = await conn.execute(
+        rows = await conn.fetch(
             _MARK, [p[0] for p in kept], [p[1] for p in kept], [p[2] for p in kept],
             force, job_id,
         )
-    return int(result.split()[-1])
+    return sum(1 for r in rows if r["target"] == CALENDAR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1263,14 +1325,20 @@ class ResyncOutcomes:
 
 
 async def resync_outcomes(pool: asyncpg.Pool, job_id: str) -> ResyncOutcomes:
-    """What became of the writes job `job_id` marked (a pair re-marked by a
-    later job counts for that one)."""
+    """What became of the writes job `job_id` marked, per (configuration,
+    absence) pair across its targets: failed when one target failed, else
+    written when one was written, else unchanged; outstanding while one is not
+    done (a pair re-marked by a later job counts for that one)."""
     row = await pool.fetchrow(
-        "SELECT count(*) FILTER (WHERE resync_outcome = 'written') AS written,"
-        " count(*) FILTER (WHERE resync_outcome = 'unchanged') AS unchanged,"
-        " count(*) FILTER (WHERE resync_outcome = 'failed') AS failed,"
-        " count(*) FILTER (WHERE resync_outcome IS NULL) AS outstanding"
-        " FROM sync_items WHERE resync_job = $1",
+        "SELECT count(*) FILTER (WHERE p.outstanding) AS outstanding,"
+        " count(*) FILTER (WHERE NOT p.outstanding AND p.failed) AS failed,"
+        " count(*) FILTER (WHERE NOT p.outstanding AND NOT p.failed AND p.written) AS written,"
+        " count(*) FILTER (WHERE NOT p.outstanding AND NOT p.failed AND NOT p.written)"
+        " AS unchanged FROM ("
+        "  SELECT bool_or(resync_outcome IS NULL) AS outstanding,"
+        "   bool_or(resync_outcome = 'failed') AS failed,"
+        "   bool_or(resync_outcome = 'written') AS written"
+        "  FROM sync_items WHERE resync_job = $1 GROUP BY config_id, absence_id) p",
         job_id,
     )
     assert row is not None

@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import zlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -128,6 +128,8 @@ class Summary:
     last_success_at: dt.datetime | None
     last_failure_at: dt.datetime | None
     deleting: bool
+    #: the same counts per target (`calendar`, `team`...), for the targets holding items
+    by_target: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 async def summaries(pool: asyncpg.Pool, tenant: str, ids: Sequence[str]) -> dict[str, Summary]:
@@ -158,10 +160,22 @@ async def summaries(pool: asyncpg.Pool, tenant: str, ids: Sequence[str]) -> dict
         """,
         tenant, list(ids),
     )
+    per_target = await pool.fetch(
+        "SELECT config_id, target, status, count(*) AS n FROM sync_items"
+        " WHERE tenant = $1 AND config_id = ANY($2::text[]) GROUP BY 1, 2, 3",
+        tenant, list(ids),
+    )
+    by_target: dict[str, dict[str, dict[str, int]]] = {}
+    for t in per_target:
+        counts = by_target.setdefault(t["config_id"], {}).setdefault(
+            t["target"], dict.fromkeys(("synced", "pending", "failed", "deleted"), 0)
+        )
+        counts[t["status"]] = int(t["n"])
     return {
         r["id"]: Summary(
             {k: int(r[k]) for k in ("synced", "pending", "failed", "deleted")},
             r["last_success_at"], r["last_failure_at"], r["deleting"],
+            by_target.get(r["id"], {}),
         )
         for r in rows
     }
@@ -204,6 +218,8 @@ async def recent_outcomes(
 @dataclass(frozen=True, slots=True)
 class ItemRow:
     absence_id: str
+    #: where the item writes (`consumer.targets`): calendar, team...
+    target: str
     employee_email: str | None
     mailbox: str | None
     state: str
@@ -221,33 +237,40 @@ async def items_page(
     config_id: str,
     *,
     state: str | None,
-    after: str | None,
+    after: tuple[str, str | None] | None,
     limit: int,
+    team_address: str | None = None,
 ) -> tuple[list[ItemRow], bool]:
-    """One page of items in absence id order, after the absence id `after`;
-    returns (rows, more)."""
+    """One page of items in (absence id, target) order, after the item `after`
+    (absence id, target; a target of None: after every item of that absence);
+    returns (rows, more). `team_address` is shown as the mailbox of team items
+    not written yet."""
+    after_id, after_target = after if after is not None else (None, None)
     rows = await pool.fetch(
         """
-        SELECT s.absence_id, s.status, s.attempts, s.event_id, s.updated_at,
+        SELECT s.absence_id, s.target, s.status, s.attempts, s.event_id, s.updated_at,
                s.last_error_code, s.last_error_message, s.last_error_hint,
                a.data #>> '{employee,email}' AS employee_email,
-               CASE WHEN s.status IN ('failed', 'pending') THEN COALESCE(s.mailbox,
-                   lower(a.data #>> '{employee,calendar_address}'),
-                   lower(a.data #>> '{employee,email}'))
-               ELSE s.mailbox END AS mailbox
+               CASE WHEN s.status NOT IN ('failed', 'pending') THEN s.mailbox
+                    WHEN s.target = 'calendar' THEN COALESCE(s.mailbox,
+                        lower(a.data #>> '{employee,calendar_address}'),
+                        lower(a.data #>> '{employee,email}'))
+                    WHEN s.target = 'team' THEN COALESCE(s.mailbox, $7)
+                    ELSE s.mailbox END AS mailbox
         FROM sync_items s
         LEFT JOIN absences a ON a.tenant = s.tenant AND a.id = s.absence_id
         WHERE s.config_id = $1 AND s.tenant = $2
           AND ($3::text IS NULL OR s.status = $3)
-          AND ($4::text IS NULL OR s.absence_id > $4)
-        ORDER BY s.absence_id
+          AND ($4::text IS NULL OR s.absence_id > $4
+               OR (s.absence_id = $4 AND $6::text IS NOT NULL AND s.target > $6))
+        ORDER BY s.absence_id, s.target
         LIMIT $5
         """,
-        config_id, tenant, state, after, limit + 1,
+        config_id, tenant, state, after_id, limit + 1, after_target, team_address,
     )
     items = [
         ItemRow(
-            r["absence_id"], r["employee_email"], r["mailbox"], r["status"],
+            r["absence_id"], r["target"], r["employee_email"], r["mailbox"], r["status"],
             r["last_error_code"], r["last_error_message"], r["last_error_hint"],
             int(r["attempts"]), r["event_id"], r["updated_at"],
         )
@@ -400,7 +423,7 @@ async def absences_in_scope(
 async def item_seqs(pool: asyncpg.Pool, config_id: str, ids: Sequence[str]) -> dict[str, int]:
     rows = await pool.fetch(
         "SELECT absence_id, change_seq FROM sync_items"
-        " WHERE config_id = $1 AND absence_id = ANY($2::text[])",
+        " WHERE config_id = $1 AND absence_id = ANY($2::text[]) AND target = 'calendar'",
         config_id, list(ids),
     )
     return {r["absence_id"]: int(r["change_seq"]) for r in rows}
@@ -428,6 +451,7 @@ async def progress(
                count(*) FILTER (WHERE s.absence_id IS NULL) AS gone
         FROM unnest($2::text[], $3::bigint[]) AS m(absence_id, seq)
         LEFT JOIN sync_items s ON s.config_id = $1 AND s.absence_id = m.absence_id
+            AND s.target = 'calendar'
         """,
         config_id, list(seqs), list(seqs.values()), since,
     )

@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from consumer.health import STATUSES
+from consumer.targets import KNOWN
 
 _TS = {"type": ["string", "null"], "format": "date-time"}
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
@@ -87,11 +88,17 @@ _COMPONENTS: dict[str, Any] = {
                 "warnings": {"type": "array", "items": {"type": "string"}},
                 "counts": {"$ref": "#/components/schemas/Counts"},
                 "synced": {"type": "integer", "minimum": 0,
-                           "description": "Absences written as wanted (= counts.synced)."},
+                           "description": "Items written as wanted (= counts.synced)."},
                 "pending": {"type": "integer", "minimum": 0,
-                            "description": "Absences waiting for a write (= counts.pending)."},
+                            "description": "Items waiting for a write (= counts.pending)."},
                 "failed": {"type": "integer", "minimum": 0, "description":
-                           "Absences whose write failed permanently (= counts.failed)."},
+                           "Items whose write failed permanently (= counts.failed)."},
+                "counts_by_target": {
+                    "type": "object", "description": "The same counts per target: calendar "
+                    "(the employees' own calendars), team (the team calendar); only targets "
+                    "that hold items.",
+                    "additionalProperties": {"$ref": "#/components/schemas/Counts"},
+                },
                 "last_success_at": _TS,
                 "last_failure_at": _TS,
                 "deleting": {"type": "boolean", "description":
@@ -221,10 +228,13 @@ _COMPONENTS: dict[str, Any] = {
         },
         "Item": {
             "type": "object", "additionalProperties": False,
-            "required": ["absence_id", "employee_email", "mailbox", "state", "code", "message",
-                         "hint", "attempts", "event_id", "updated_at"],
+            "required": ["absence_id", "target", "employee_email", "mailbox", "state", "code",
+                         "message", "hint", "attempts", "event_id", "updated_at"],
             "properties": {
                 "absence_id": {"type": "string"},
+                "target": {"enum": list(KNOWN), "description": "Where the item writes: "
+                           "calendar (the employee's own calendar) or team (the "
+                           "configuration's team calendar)."},
                 "employee_email": {"type": ["string", "null"]},
                 "mailbox": {"type": ["string", "null"],
                             "description": "The calendar written (or to write)."},
