@@ -97,6 +97,8 @@ class SyncView:
             "consent_url": self.consent_url,
             "warnings": list(self.stored.warnings),
             "counts": {state: self.summary.counts.get(state, 0) for state in ITEM_STATES},
+            # the same counts at the top level, where a monitoring client looks first
+            **{state: self.summary.counts.get(state, 0) for state in TOP_LEVEL_COUNTS},
             "counts_by_target": {
                 target: {state: counts.get(state, 0) for state in ITEM_STATES}
                 for target, counts in sorted(self.summary.by_target.items())
@@ -112,6 +114,10 @@ class SyncView:
             doc["configuration"] = public_document(config)
             doc["secrets"] = list(self.stored.secret_names)
         return doc
+
+
+#: item counts also given at the top level of a sync (besides `counts`)
+TOP_LEVEL_COUNTS = ("synced", "pending", "failed")
 
 
 @dataclass(frozen=True, slots=True)

@@ -862,7 +862,8 @@ def _parse_from_time(value: str | None) -> dt.datetime | None:
 @click.option("--establishment", "establishments", multiple=True, metavar="ID",
               help="only absences of this establishment (repeatable)")
 @click.option("--from-time", metavar="TIMESTAMP",
-              help="read from the offsets for this RFC 3339 time, not the beginning")
+              help="read from the offsets for this RFC 3339 time, not the beginning; "
+                   "only the absences read are then in scope")
 @click.option("--dry-run", is_flag=True, help="count what is in scope; change nothing")
 @click.option("--force", is_flag=True, help="rewrite events even when unchanged")
 @click.option("--wait", is_flag=True,

@@ -37,7 +37,8 @@ class Metrics:
             ["topic", "partition"], registry=r,
         )
         self.lag_seconds = Gauge(
-            p + "consumer_lag_seconds", "Age of the last consumed record's timestamp",
+            p + "consumer_lag_seconds",
+            "Age of the last consumed record's timestamp; 0 once caught up",
             ["topic", "partition"], registry=r,
         )
         self.batch_seconds = Histogram(

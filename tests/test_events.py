@@ -104,7 +104,7 @@ def test_valid_example_parses(path: Path) -> None:
     doc = _load(path)
     event = parse_event(path.read_bytes())
     absence = event.absence
-    assert event.event_id == doc["id"]
+    assert event.event_id == doc.get("id")
     assert event.type == doc["type"]
     assert absence.tenant == doc["tenant"]
     assert absence.id == doc["data"]["id"]

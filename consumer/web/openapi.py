@@ -67,8 +67,8 @@ _COMPONENTS: dict[str, Any] = {
         "Sync": {
             "type": "object",
             "required": ["id", "tenant", "provider", "establishments", "health", "cause",
-                         "consent_url", "warnings", "counts", "last_success_at",
-                         "last_failure_at", "deleting", "paused"],
+                         "consent_url", "warnings", "counts", "synced", "pending", "failed",
+                         "last_success_at", "last_failure_at", "deleting", "paused"],
             "properties": {
                 "id": {"type": "string"},
                 "tenant": {"type": "string"},
@@ -87,6 +87,12 @@ _COMPONENTS: dict[str, Any] = {
                                 "missing."},
                 "warnings": {"type": "array", "items": {"type": "string"}},
                 "counts": {"$ref": "#/components/schemas/Counts"},
+                "synced": {"type": "integer", "minimum": 0,
+                           "description": "Items written as wanted (= counts.synced)."},
+                "pending": {"type": "integer", "minimum": 0,
+                            "description": "Items waiting for a write (= counts.pending)."},
+                "failed": {"type": "integer", "minimum": 0, "description":
+                           "Items whose write failed permanently (= counts.failed)."},
                 "counts_by_target": {
                     "type": "object", "description": "The same counts per target: calendar "
                     "(the employees' own calendars), team (the team calendar); only targets "
