@@ -1,4 +1,4 @@
-"""absence-sync benchmark (SPEC section 12): every figure a ratio against a bare baseline.
+"""absence-sync benchmark: every figure a ratio against a bare baseline.
 
     python -m bench.run [--events N] [--quick] [--only NAME ...] [--profile FILE]
 

@@ -1,4 +1,4 @@
-"""What a tenant's administrator may see and do (SPEC section 9), without HTTP.
+"""What a tenant's administrator may see and do (docs/administration.md), without HTTP.
 
 The JSON API and the web page are two thin clients of `Admin`. Every method
 takes the tenant of the caller's token; a configuration or job of another
@@ -23,7 +23,7 @@ import secrets as pysecrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -36,6 +36,9 @@ from consumer.settings import Settings
 from consumer.store import admin as admin_store
 from consumer.store import feeds as feed_store
 from consumer.web import jobs
+
+if TYPE_CHECKING:
+    from consumer.probe import ProbeResult
 
 HEALTH_WINDOW_SECONDS = 24 * 3600.0
 HEALTH_WINDOW_OUTCOMES = 2000
@@ -81,6 +84,11 @@ class SyncView:
     def config(self) -> SyncConfig:
         return self.stored.config
 
+    @property
+    def paused(self) -> bool:
+        """Paused by an operator (`absence-sync config pause`): nothing is written."""
+        return self.stored.paused_at is not None
+
     def to_json(self, *, detail: bool = False) -> dict[str, Any]:
         config = self.stored.config
         states = LISTED_STATES if config.auto_reply is not None else ITEM_STATES
@@ -94,6 +102,8 @@ class SyncView:
             "consent_url": self.consent_url,
             "warnings": list(self.stored.warnings),
             "counts": {state: self.summary.counts.get(state, 0) for state in states},
+            # the same counts at the top level, where a monitoring client looks first
+            **{state: self.summary.counts.get(state, 0) for state in TOP_LEVEL_COUNTS},
             "counts_by_target": {
                 target: {state: counts.get(state, 0) for state in states}
                 for target, counts in sorted(self.summary.by_target.items())
@@ -101,6 +111,7 @@ class SyncView:
             "last_success_at": _iso(self.summary.last_success_at),
             "last_failure_at": _iso(self.summary.last_failure_at),
             "deleting": self.summary.deleting,
+            "paused": self.paused,
         }
         if detail:
             doc["revision"] = self.stored.revision
@@ -108,6 +119,10 @@ class SyncView:
             doc["configuration"] = public_document(config)
             doc["secrets"] = list(self.stored.secret_names)
         return doc
+
+
+#: item counts also given at the top level of a sync (besides `counts`)
+TOP_LEVEL_COUNTS = ("synced", "pending", "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +376,29 @@ class Admin:
             _encode_cursor(rows[-1].absence_id, rows[-1].target) if more and rows else None
         )
         return ItemsPage(rows, next_cursor)
+
+    async def test_connection(
+        self, tenant: str, config_id: str, mailbox: str | None
+    ) -> ProbeResult:
+        """`absence-sync config test` for the page's "Test connection" button:
+        reach the calendar service for one mailbox, writing nothing. Without a
+        mailbox, one the configuration writes to (or a recent employee's)."""
+        from consumer.probe import probe
+        from consumer.providers.base import ProviderContext, make_ssl_context
+
+        if self.settings is None:
+            raise AdminError(503, "unavailable", "connection tests are not available here")
+        stored = await self._config(tenant, config_id, self._box_for_reading())
+        address = (mailbox or "").strip().lower() or await store.sample_mailbox(
+            self.pool, config_id
+        )
+        if not address:
+            raise AdminError(400, "invalid_request",
+                             "no mailbox to try yet: give an employee's calendar address")
+        if len(address) > 320 or "@" not in address or any(c.isspace() for c in address):
+            raise AdminError(400, "invalid_request", "the mailbox must be an e-mail address")
+        context = ProviderContext(self.settings, make_ssl_context(self.settings))
+        return await probe(stored, context, address.lower())
 
     async def job(self, tenant: str, job_id: str) -> jobs.Job:
         job = await jobs.get(self.pool, job_id, tenant)

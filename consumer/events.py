@@ -1,4 +1,4 @@
-"""The absence event contract (SPEC section 3): parsing and validation.
+"""The absence event contract (docs/events.md): parsing and validation.
 
 `parse_event` is the only way raw Kafka bytes become an `Absence`: strict
 JSON (no `NaN`, `Infinity` or numbers beyond the double range), JSON Schema
@@ -111,9 +111,11 @@ class Absence:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A validated CloudEvent carrying an absence."""
+    """A validated CloudEvent carrying an absence. `event_id` (the CloudEvent
+    `id`) is None for an `absence.deleted` event that leaves it out: a delete
+    needs only `type`, `tenant`, `data.id` and `data.version`."""
 
-    event_id: str
+    event_id: str | None
     type: str
     time: dt.datetime | None
     absence: Absence
@@ -371,7 +373,7 @@ def parse_event(raw: bytes | None) -> Event:
     except (ValueError, OverflowError) as exc:
         raise InvalidEvent(INVALID_EVENT, "data: a value is outside what can be handled") from exc
     return Event(
-        event_id=doc["id"],
+        event_id=doc.get("id"),
         type=doc["type"],
         time=_time(doc.get("time")),
         absence=absence,

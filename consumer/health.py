@@ -120,7 +120,8 @@ def _failing_sentence(code: str, provider: str, every: bool, consent_url: str | 
             "(ABSENCE_SYNC_MS_CLIENT_ID, ABSENCE_SYNC_MS_CLIENT_SECRET)",
             "google": "check the service account key of this configuration",
         }.get(provider, "check the service account's user name and password")
-        return f"{lead}: the credentials are refused; {fix}."
+        return (f"{lead}: the credentials are refused or cannot be read; {fix} (stored "
+                "secrets the worker cannot decrypt: see the failed items' hint).")
     if code == ACCESS_DENIED:
         fix = {
             "microsoft365": "check that the application was granted Calendars.ReadWrite and "

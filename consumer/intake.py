@@ -1,4 +1,5 @@
-"""Kafka intake (SPEC sections 3, 7 and 11): consume, validate, dead-letter, record, commit.
+"""Kafka intake (docs/events.md, docs/guarantees.md): consume, validate,
+dead-letter, record, commit.
 
 For each batch: valid events are recorded in one PostgreSQL transaction,
 invalid ones go to the dead-letter topic (awaited), and only then are the
@@ -51,6 +52,9 @@ REFUSED_REASON = "refused_by_database"
 TRUNCATED_VALUE_BYTES = 16 * 1024
 TRUNCATED_KEY_BYTES = 1024
 KAFKA_PROBE_SECONDS = 2.0
+#: how long a poll waits for a partition's position to compute its lag (it is known
+#: after a fetch; only a reset in progress makes it wait)
+LAG_POSITION_SECONDS = 0.1
 
 
 async def ensure_topics(settings: Settings, bootstrap: str, *, create: bool = True) -> list[str]:
@@ -287,6 +291,7 @@ class Intake:
                               error_type=type(exc).__name__, traceback=traceback_of(exc))
                 await backoff.wait(stop)
                 continue
+            await self._observe_caught_up(batches)
             if not batches:
                 continue
             async with self.batch_lock:
@@ -531,6 +536,30 @@ class Intake:
         if not self.assigned:
             return "kafka: no partition assigned yet"
         return None
+
+    async def _observe_caught_up(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """On every poll, the lag of the assigned partitions this poll brought no record
+        of (`_observe_lag` does the others once their batch is recorded): records
+        behind the high watermark of the latest fetch response (never the end
+        offsets, which tansu reports too low), and 0 seconds once the position is at
+        or past it, so an idle worker never shows a stale lag."""
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            if batches.get(tp):
+                continue
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue  # no fetch answered for it yet
+            try:
+                async with asyncio.timeout(LAG_POSITION_SECONDS):
+                    position = await self.consumer.position(tp)
+            except (KafkaError, TimeoutError):
+                continue  # revoked, or its position is being reset: the next poll
+            labels = (tp.topic, str(tp.partition))
+            behind = max(0, high - position)
+            self.metrics.lag_records.labels(*labels).set(behind)
+            if behind == 0:
+                self.metrics.lag_seconds.labels(*labels).set(0.0)
 
     def _observe_lag(self, batches: dict[TopicPartition, list[Any]]) -> None:
         assert self.consumer is not None

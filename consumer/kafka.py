@@ -8,6 +8,7 @@ reach a secured cluster (TLS, SASL PLAIN or SCRAM) the same way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import ssl
@@ -152,3 +153,80 @@ def _dead_letter(record: Any) -> DeadLetter:
              if record.timestamp and record.timestamp > 0 else None)
     key = bytes(record.key).decode("utf-8", "replace") if record.key is not None else None
     return DeadLetter(record.partition, record.offset, stamp, key, headers, record.value)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """How far the live group is behind on one partition of the topic."""
+
+    partition: int
+    committed: int | None  # None: the group has committed nothing here yet
+    start: int  # the first offset still in the log
+    end: int  # the offset the next record will get
+
+    @property
+    def lag(self) -> int:
+        """Records not consumed yet; without a commit the group starts at the beginning."""
+        position = self.committed if self.committed is not None else self.start
+        return max(0, self.end - max(position, self.start))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"partition": self.partition, "committed": self.committed, "start": self.start,
+                "end": self.end, "lag": self.lag}
+
+
+#: how long `group_lag` reads to learn the true end of each partition
+_HIGHWATER_SECONDS = 5.0
+
+
+async def group_lag(settings: Settings, bootstrap: str) -> list[PartitionLag] | None:
+    """The live group's committed offsets against the end of each partition of
+    the topic; None when the topic does not exist.
+
+    Reads without joining the group (the admin client fetches its offsets; a
+    consumer without a group reads the ends), so the running workers' group is
+    neither rebalanced nor moved. The end of a partition is the larger of the
+    ListOffsets answer and the high watermark of a fetch: some brokers (tansu)
+    under-report the former after a batch of several records."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(**client_args(settings, bootstrap))
+    consumer = AIOKafkaConsumer(**client_args(settings, bootstrap), enable_auto_commit=False,
+                                group_id=None, fetch_max_wait_ms=100)
+    try:
+        await consumer.start()
+        if settings.topic not in await consumer.topics():
+            return None
+        tps = [TopicPartition(settings.topic, p)
+               for p in sorted(consumer.partitions_for_topic(settings.topic) or set())]
+        if not tps:
+            return None
+        await admin.start()
+        # the partitions are named: some brokers (tansu) cannot answer "all of them"
+        committed = await admin.list_consumer_group_offsets(settings.group_id, partitions=tps)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, ends[tp])
+        deadline = asyncio.get_running_loop().time() + _HIGHWATER_SECONDS
+        while any(consumer.highwater(tp) is None for tp in tps):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await consumer.getmany(*tps, timeout_ms=100, max_records=1)
+        found = []
+        for tp in tps:
+            offset = committed.get(tp)
+            mark = offset.offset if offset is not None and offset.offset >= 0 else None
+            end = max(ends[tp], consumer.highwater(tp) or 0)
+            found.append(PartitionLag(tp.partition, mark, starts[tp], end))
+        return found
+    except KafkaError as exc:
+        raise broker_unreachable(bootstrap, exc) from exc
+    finally:
+        with contextlib.suppress(KafkaError):
+            await consumer.stop()
+        with contextlib.suppress(KafkaError):
+            await admin.close()

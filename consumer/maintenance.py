@@ -1,4 +1,4 @@
-"""Bounded storage (SPEC 9: "a bounded history"): periodic trimming and table sizes.
+"""Bounded storage (docs/runbook.md, 'Bounded history'): periodic trimming and table sizes.
 
 Every worker runs `Maintenance`; the replicas take turns through an
 advisory lock and a record of the last run (`store.trim`), so the fleet

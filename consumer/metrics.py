@@ -1,4 +1,5 @@
-"""Prometheus metrics (SPEC section 10) as one bundle built on a given registry.
+"""Prometheus metrics (docs/runbook.md, 'Reading the dashboard') as one bundle
+built on a given registry.
 
 Business code calls a few methods; tests build a fresh `CollectorRegistry`.
 No label carries an employee or absence id.
@@ -36,7 +37,8 @@ class Metrics:
             ["topic", "partition"], registry=r,
         )
         self.lag_seconds = Gauge(
-            p + "consumer_lag_seconds", "Age of the last consumed record's timestamp",
+            p + "consumer_lag_seconds",
+            "Age of the last consumed record's timestamp; 0 once caught up",
             ["topic", "partition"], registry=r,
         )
         self.batch_seconds = Histogram(

@@ -1,4 +1,4 @@
-"""Planning (SPEC section 5, STYLE habit 1): desired vs recorded -> one action.
+"""Planning (docs/rendering.md, docs/guarantees.md): desired vs recorded -> one action.
 
 Pure code. The dispatcher's executor performs the action and records the outcome;
 `plan_batch` plans a whole leased batch in one pass.

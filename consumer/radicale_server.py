@@ -1,6 +1,6 @@
 """An embedded Radicale CalDAV server, run as a child process.
 
-The demo and development stack write to it (SPEC section 13) and the CalDAV
+The demo and development stack write to it (README, 'Quick start') and the CalDAV
 provider's tests run against it. It runs as a subprocess, not in-process:
 Radicale's built-in server is blocking, installs signal handlers and owns
 its logging, none of which belong inside the engine's event loop.

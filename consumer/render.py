@@ -1,4 +1,4 @@
-"""Rendering rules (SPEC sections 5 and 14): (absence, configuration) -> desired event.
+"""Rendering rules (docs/rendering.md): (absence, configuration) -> desired event.
 
 Pure code: no I/O, no clock. `render` returns None when the configuration's
 calendar must not hold an event for the absence (rule 5.1). A configuration's

@@ -15,9 +15,10 @@ Steps, for a request:
    of the configurations' tenants go through `parse_event` and
    `store.record_absences`, so stale versions change nothing and invalid
    records are only counted (the live intake dead-letters them);
-3. scan the recorded absences the filters select and count the pairs whose
-   latest version the configuration wants (`render.wanted`): `in_scope`, the
-   "initialize N events" figure; a real run marks exactly those;
+3. scan the recorded absences the filters select (with `from_time`, only
+   those read in step 2) and count the pairs whose latest version the
+   configuration wants (`render.wanted`): `in_scope`, the "initialize N
+   events" figure; a real run marks exactly those;
 4. with `wait`, stay until every marked pair is done, and tell written,
    unchanged and failed apart (each pair remembers the job that marked it).
 
@@ -100,7 +101,8 @@ class ResyncRequest:
     - `since`: only absences whose end date is on or after this date.
     - `establishments`: only absences of these establishments (empty: all).
     - `from_time`: read from the offsets for this (aware) time instead of the
-      beginning. It limits what is read, not what is marked.
+      beginning; only the absences read (a record at or after that time) are
+      then in scope, at their latest recorded version.
     - `dry_run`: count only; nothing anywhere changes.
     - `force`: write even when the recorded content hash says unchanged (an
       update whose event is gone re-creates it).
@@ -400,6 +402,13 @@ class _Run:
     lost: bool = False
     # dry run: versions read that are newer than the recorded ones
     overlay: dict[tuple[str, str], Absence] = field(default_factory=dict)
+    # with from_time: the (tenant, absence id) of every usable record read, the
+    # only absences then in scope; None: every recorded absence is
+    read_keys: set[tuple[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.request.from_time is not None:
+            self.read_keys = set()
 
     async def execute(self) -> Summary:
         log.info(
@@ -444,6 +453,8 @@ class _Run:
                 async for batch in reader.batches():
                     self._check_lease()
                     incoming = await self._parse(batch.records)
+                    if self.read_keys is not None:
+                        self.read_keys.update((i.absence.tenant, i.absence.id) for i in incoming)
                     if incoming:
                         if self.request.dry_run:
                             await self._overlay(incoming)
@@ -506,6 +517,9 @@ class _Run:
         self._report()
         request = self.request
         pairs: list[tuple[str, str, str]] = []
+        read_keys = self.read_keys
+        if read_keys is not None and not read_keys:
+            return  # nothing was read since from_time: nothing is in scope
         scope = store.resync_scope(
             self.pool,
             tenants=sorted(self.scope.by_tenant),
@@ -518,6 +532,8 @@ class _Run:
                 for row in chunk:
                     if (row.tenant, row.id) in self.overlay:
                         continue  # a newer version was read (dry run)
+                    if read_keys is not None and (row.tenant, row.id) not in read_keys:
+                        continue  # not read since from_time
                     absence = _absence(row)
                     if absence is not None:
                         self._select(absence, pairs)

@@ -1,4 +1,4 @@
-"""Encryption at rest of configuration secrets (SPEC section 11).
+"""Encryption at rest of configuration secrets (README, 'Security').
 
 `ABSENCE_SYNC_SECRET_KEYS` holds comma-separated Fernet keys: the first
 encrypts, every key decrypts, so keys rotate by prepending a new one and

@@ -1,4 +1,4 @@
-"""ABSENCE_SYNC_* settings (SPEC section 13), read from the environment."""
+"""ABSENCE_SYNC_* settings (README, 'Settings'), read from the environment."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The worker process: intake + dispatcher + maintenance + HTTP, with a bounded graceful stop.
 
-On SIGTERM (STYLE habit 6): stop taking work, finish the Kafka batch in flight
-and commit it, give calendar writes in flight `shutdown_timeout_seconds` to
-finish (the rest is cancelled and its leases handed back), leave the group,
-close pools.
+On SIGTERM (docs/guarantees.md, 'Stopping: SIGTERM'): stop taking work, finish
+the Kafka batch in flight and commit it, give calendar writes in flight
+`shutdown_timeout_seconds` to finish (the rest is cancelled and its leases
+handed back), leave the group, close pools.
 
 Once started, the worker outlives PostgreSQL and Kafka outages: intake and
 dispatch wait them out (see `consumer.outages`) and /readyz says what they

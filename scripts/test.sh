@@ -6,7 +6,7 @@
 # (CI=true) the rule tests fail rather than skip without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh test
 if ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing promtool (Debian package prometheus)..." >&2

@@ -43,6 +43,7 @@ Errors use Google's body shape: `{"error": {"errors": [{"domain", "reason",
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import itertools
 import json
@@ -161,6 +162,8 @@ class GoogleServer:
     page_size: int = 250
     #: user -> VacationSettings as Gmail holds them
     vacations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: seconds every Calendar API request (or batch) takes before it is answered
+    latency: float = 0.0
     port: int = 0
     ca_path: Path | None = None
     _runner: web.AppRunner | None = None
@@ -252,6 +255,8 @@ class GoogleServer:
             elif path.startswith("/calendar/v3/"):
                 self.requests.append(record)
                 raw = await request.read()
+                if self.latency:
+                    await asyncio.sleep(self.latency)
                 status, body = self._api(request.method, request.raw_path,
                                          request.headers.get("Authorization", ""), raw, record)
                 response = _respond(status, body)
@@ -333,6 +338,8 @@ class GoogleServer:
                                         "Batch requests must be multipart/mixed.")
             return _respond(status, body)
         raw = await request.read()
+        if self.latency:
+            await asyncio.sleep(self.latency)
         outer_auth = request.headers.get("Authorization", "")
         parts = []
         for chunk in raw.split(b"--" + match.group(1).encode())[1:]:

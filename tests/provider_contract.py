@@ -1,4 +1,4 @@
-"""The contract every `Provider` must pass (STYLE habit 3).
+"""The contract every `Provider` must pass (one interface, one contract).
 
 A test module subclasses `ProviderContract` and defines two fixtures:
 `provider` (a ready `Provider`) and `mailbox` (an address that exists in

@@ -1,4 +1,4 @@
-"""The `absence-sync` console script, run as operators run it (SPEC section 13)."""
+"""The `absence-sync` console script, run as operators run it (README, 'Running it')."""
 
 from __future__ import annotations
 
@@ -129,10 +129,10 @@ async def test_apply_list_show(
     listed = run(dsn, "config", "list", **env)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    assert lines[0].split() == ["ID", "TENANT", "PROVIDER", "REVISION"]
+    assert lines[0].split() == ["ID", "TENANT", "PROVIDER", "REVISION", "STATE"]
     assert [line.split() for line in lines[1:]] == [
-        ["acme-dav", "acme", "caldav", "1"],
-        ["globex-o365", "globex", "microsoft365", "1"],
+        ["acme-dav", "acme", "caldav", "1", "active"],
+        ["globex-o365", "globex", "microsoft365", "1", "active"],
     ]
     as_json = run(dsn, "config", "list", "--json", **env)
     assert as_json.returncode == 0, as_json.stderr

@@ -1,4 +1,4 @@
-"""Sync configurations (SPEC sections 4 and 11): the YAML file and its storage."""
+"""Sync configurations (docs/configuration.md): the YAML file and its storage."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Microsoft 365 admin consent: `consent-url` then the redirect (SPEC sections 6 and 11).
+"""Microsoft 365 admin consent: `consent-url` then the redirect (docs/microsoft365.md).
 
 The callback records a directory only when the redirect reports an
 administrator's consent for a directory GUID, the state is one `consent-url`

@@ -1,4 +1,4 @@
-"""Crash safety with the real worker process (SPEC section 7).
+"""Crash safety with the real worker process (docs/guarantees.md, 'Crash safety').
 
 The worker is SIGKILLed at random moments while events stream in (so kills
 land between the database commit and the offset commit, and between a

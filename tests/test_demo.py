@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -36,3 +41,32 @@ def test_demo_prints_the_calendars_read_back_from_caldav(tmp_path: Path) -> None
     # Ana's cancelled day left nothing; her week of leave is there
     assert ana.count("(all day)") == 1 and "Fri" in ana
     assert "Traceback" not in result.stderr
+    # the suggestion to keep the stack running can be run as printed (the virtual
+    # environment's script is not on this PATH)
+    suggestion = re.search(r"run '([^']+)'", out)
+    assert suggestion is not None, out[-500:]
+    program, *rest = shlex.split(suggestion.group(1))
+    assert rest == ["dev"] and Path(program).is_absolute() and os.access(program, os.X_OK)
+
+
+def test_dev_keeps_the_stack_running_and_prints_its_addresses(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "absence-sync"
+    process = subprocess.Popen(
+        [str(script), "dev"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("  Worker:") for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
+            lines.append(process.stdout.readline())
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    caldav = next(line for line in lines if "CalDAV (Radicale):" in line)
+    url = caldav.split("CalDAV (Radicale):", 1)[1].strip()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url), url  # one slash, no double
+    assert any("password" in line for line in lines)
+    assert "Traceback" not in err

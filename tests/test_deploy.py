@@ -1,4 +1,4 @@
-"""deploy/ (SPEC section 10): manifests, dashboard and alert rules agree with the code.
+"""deploy/ (docs/runbook.md): manifests, dashboard and alert rules agree with the code.
 
 Metric names are checked against the registry that `consumer.metrics.Metrics`
 builds, environment variables against `consumer.settings.Settings`, probes

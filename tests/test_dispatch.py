@@ -1,4 +1,4 @@
-"""Dispatcher guarantees (SPEC section 7) with the real intake, broker and
+"""Dispatcher guarantees (docs/guarantees.md) with the real intake, broker and
 database, against the in-memory calendar."""
 
 from __future__ import annotations
@@ -332,3 +332,79 @@ async def test_a_recorded_absence_that_no_longer_validates_fails_its_item_once(
     assert row["last_error_code"] == "invalid_event" and row["attempts"] == 1
     assert row["lease_until"] is None and row["done_seq"] == row["change_seq"]
     assert [e.event.mark.absence_id for e in calendar.all()] == ["abs-1"]
+
+
+async def test_secrets_the_worker_cannot_decrypt_fail_visibly_then_sync_once_fixed(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """A worker whose ABSENCE_SYNC_SECRET_KEYS cannot decrypt a configuration's
+    stored secrets fails its items (permanent, auth_failed, a hint naming the
+    configuration and the keys), so health is failing; with the keys `config apply`
+    used, a retry writes them."""
+    from cryptography.fernet import Fernet
+
+    from consumer import store
+    from consumer.admin import Admin
+    from consumer.secrets import SecretBox
+
+    applied_with = Fernet.generate_key().decode()
+    await store.apply_configs(
+        pool, [sync_config(secrets={"password": "dav-secret-1"})], SecretBox(applied_with)
+    )
+    await publisher.send(event("abs-1", 1, email="jane@acme.com"))
+    await publisher.send(event("abs-2", 1, email="john@acme.com"))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    for wrong in (Fernet.generate_key().decode(), None):
+        await pool.execute("UPDATE sync_items SET status = 'pending', attempts = 0,"
+                           " change_seq = change_seq + 1")
+        async with worker(settings.model_copy(update={"secret_keys": wrong}),
+                          calendar=calendar):
+            await wait_until(lambda: _count_failed(pool, 2))
+        rows = await pool.fetch("SELECT * FROM sync_items ORDER BY absence_id")
+        for row in rows:
+            assert row["status"] == "failed" and row["attempts"] >= 1
+            assert row["last_error_code"] == "auth_failed"
+            assert "acme-cal" in row["last_error_hint"]
+            assert "ABSENCE_SYNC_SECRET_KEYS" in row["last_error_hint"]
+            assert "--replace-secrets" in row["last_error_hint"]
+            assert ("is not set" in row["last_error_message"]) is (wrong is None)
+            assert "dav-secret-1" not in json.dumps(dict(row), default=str)
+        assert calendar.calls == []
+    (view,) = await Admin(pool).syncs("acme", "http://localhost")
+    assert view.health.status == "failing" and view.health.code == "auth_failed"
+    assert view.cause and "cannot be read" in view.cause
+
+    assert await store.requeue(pool, "acme-cal", only_failed=True) == 2
+    async with worker(settings.model_copy(update={"secret_keys": applied_with}),
+                      calendar=calendar):
+        await wait_until(lambda: settled(pool, 2))
+    assert {r["status"] for r in await pool.fetch("SELECT status FROM sync_items")} == {
+        "synced"}
+    assert len(calendar.all()) == 2
+
+
+async def _count_failed(pool: asyncpg.Pool, count: int) -> bool:
+    failed = await pool.fetchval("SELECT count(*) FROM sync_items WHERE status = 'failed'")
+    return bool(failed == count)
+
+
+async def test_a_delete_with_only_type_tenant_and_data_id_version_removes_the_event(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """`absence.deleted` needs only `type`, `tenant`, `data.id` and `data.version`:
+    no CloudEvent `id`, `source` or `specversion`; it is applied, not dead-lettered."""
+    await apply(pool, sync_config())
+    await publisher.send(event("abs-1", 1))
+    await publisher.flush()
+    calendar = MemoryCalendar()
+    async with worker(settings, calendar=calendar) as running:
+        await wait_until(lambda: _status(pool, "abs-1", "synced"))
+        await publisher.send({"type": "absence.deleted", "tenant": "acme",
+                              "data": {"id": "abs-1", "version": 2}})
+        await publisher.flush()
+        await wait_until(lambda: _status(pool, "abs-1", "deleted"))
+        assert running.metrics.dead_letters.collect()[0].samples == []
+    assert calendar.all() == []
+    row = await pool.fetchrow("SELECT version, deleted FROM absences WHERE id = 'abs-1'")
+    assert (row["version"], row["deleted"]) == (2, True)

@@ -366,3 +366,38 @@ async def test_rate_limit_answers_are_retried_and_writes_are_batched(e2e: E2E) -
 def settings_dsn(e2e: E2E) -> str:
     assert e2e.settings.database_url
     return e2e.settings.database_url
+
+
+async def test_sigkill_mid_way_leaves_exactly_one_event_per_absence(
+    e2e: E2E, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await e2e.apply(syncs(e2e))
+    users = [e2e.user(f"crash{n}") for n in range(8)]
+    monkeypatch.setattr(e2e.google, "latency", 0.05)
+    docs = [absence(f"a-{n:03}", 1, users[n % len(users)],
+                    start=(f"2027-02-{n % 28 + 1:02}", "am"),
+                    end=(f"2027-02-{n % 28 + 1:02}", "pm")) for n in range(120)]
+    await e2e.publish(docs)
+    # short leases, so the killed worker's leases expire quickly
+    env = {"ABSENCE_SYNC_REQUEST_TIMEOUT_SECONDS": "2", "ABSENCE_SYNC_LEASE_SECONDS": "5"}
+    worker = e2e.start(**env)
+
+    async def some_written() -> bool:
+        return sum(len(e2e.google.events(u)) for u in users) >= 25
+
+    await wait_until(some_written, timeout=30, interval=0.005)
+    worker.proc.kill()
+    assert worker.proc.wait(10) == -signal.SIGKILL
+    assert sum(len(e2e.google.events(u)) for u in users) < len(docs), "finished too early"
+    worker = e2e.start(**env)
+    await e2e.wait_settled(len(docs), timeout=60)
+    await worker.terminate(e2e.shutdown_budget)
+
+    counts = Counter(m for u in users for m, events in e2e.by_mark(u).items()
+                     for _ in events)
+    assert counts == {mark(f"a-{n:03}"): 1 for n in range(120)}, {
+        k: v for k, v in counts.items() if v != 1}
+    rows = await e2e.items()
+    assert {r["status"] for r in rows.values()} == {"synced"}
+    live = {e["id"] for u in users for e in e2e.google.events(u)}
+    assert {r["event_id"] for r in rows.values()} == live

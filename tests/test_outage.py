@@ -1,4 +1,4 @@
-"""Outages are waited out, not fatal (SPEC sections 7 and 10).
+"""Outages are waited out, not fatal (docs/runbook.md, 'Outages of PostgreSQL and Kafka').
 
 A worker runs against a PostgreSQL server of the test's own, which is
 stopped for a few seconds (or frozen: connections open, no answer) while

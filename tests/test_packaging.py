@@ -125,3 +125,60 @@ def test_rule_tests_fail_in_ci_without_promtool(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert skipped.returncode == 0 and "1 skipped" in skipped.stdout
+
+
+# --- the scripts of the quick start ----------------------------------------------------
+
+
+def _bootstrap(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """scripts/bootstrap.sh in a copy of the project whose .venv python only notes
+    what it is asked to install (no network, no real install)."""
+    project = tmp_path / "clone"
+    if not project.exists():
+        (project / "scripts").mkdir(parents=True)
+        (project / "scripts" / "bootstrap.sh").write_text(
+            (ROOT / "scripts" / "bootstrap.sh").read_text(encoding="utf-8"), encoding="utf-8")
+        (project / "pyproject.toml").write_text("[project]\nname = 'x'\n", encoding="utf-8")
+        python = project / ".venv" / "bin" / "python"
+        python.parent.mkdir(parents=True)
+        python.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "pip.log"}\n', encoding="utf-8")
+        python.chmod(0o755)
+        os.utime(project / "pyproject.toml", (1_000_000_000, 1_000_000_000))
+    done = subprocess.run(["bash", str(project / "scripts" / "bootstrap.sh"), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+    log = tmp_path / "pip.log"
+    calls = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+    return done, [c for c in calls if " install " in f" {c} " and "--upgrade pip" not in c]
+
+
+def test_the_demo_installs_only_what_it_runs(tmp_path: Path) -> None:
+    demo = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
+    assert "bash scripts/bootstrap.sh embedded" in demo
+    assert "bash scripts/bootstrap.sh test" in (ROOT / "scripts" / "test.sh").read_text(
+        encoding="utf-8")
+
+    done, installs = _bootstrap(tmp_path, "embedded")
+    assert done.returncode == 0, done.stderr
+    assert installs == ["-m pip install --quiet -e .[embedded]"]
+    done, installs = _bootstrap(tmp_path, "embedded")  # current: nothing to do
+    assert installs == ["-m pip install --quiet -e .[embedded]"]
+    done, installs = _bootstrap(tmp_path, "test")
+    assert installs[-1] == "-m pip install --quiet -e .[embedded,test]"
+    done, again = _bootstrap(tmp_path, "embedded")  # the test set holds the demo's
+    assert again == installs
+    bad, _ = _bootstrap(tmp_path, "everything")
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_the_install_prints_no_notice_block_of_ours(tmp_path: Path) -> None:
+    """The editable install the quick start's scripts make draws no deprecation or
+    notice block from setuptools (an SPDX license string; the project root as
+    the package root, so the editable install is a plain path entry)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-installed",
+         "--prefix", str(tmp_path / "prefix"), "-e", str(ROOT)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for marker in ("Warning", "!!", "deprecat", "********"):
+        assert marker not in done.stdout + done.stderr, done.stderr[-3000:]

@@ -207,3 +207,76 @@ async def test_the_team_calendar_on_the_page_and_kept_by_the_settings_form(
     assert stored is not None and stored.config.hidden_label == "Away"
     assert stored.config.team_calendar is not None
     assert stored.config.team_calendar.address == team
+
+
+# --- Test connection ---------------------------------------------------------------
+
+
+async def test_test_connection_button_reaches_the_calendar_and_shows_the_outcome(
+    dsn: str, pool: asyncpg.Pool, tmp_path: object
+) -> None:
+    """The button runs `config test`'s probe (the real Microsoft 365 provider against
+    the Graph test server): ok, or the error code, message and hint; writes nothing."""
+    from pathlib import Path
+
+    from tests.graph_server import GraphServer
+
+    assert isinstance(tmp_path, Path)
+    directory = "2b3c4d5e-0000-4000-8000-0000000000aa"
+    graph = GraphServer()
+    graph.add_tenant(directory)
+    graph.add_mailbox("jane@acme.test")
+    await graph.start(tmp_path)
+    try:
+        settings = admin_settings(
+            dsn, public_url=None, ms_client_id=graph.client_id,
+            ms_client_secret=graph.client_secret,
+            ms_authority_host=graph.authority_host, ms_graph_url=graph.graph_url,
+            ca_bundle=graph.ca_path,
+        )
+        await store.apply_configs(pool, [SyncConfig(
+            id="acme-o365", tenant="acme", provider="microsoft365",
+            provider_settings={"tenant_id": directory},
+        )], SecretBox(None))
+        async with TestClient(TestServer(create_app(WebState(Metrics(), pool,
+                                                              settings=settings)))) as client:
+            reader = await new_token(pool, "acme", "read")
+            await sign_in(client, reader)
+            page = await (await client.get("/ui/syncs/acme-o365")).text()
+            assert "Test connection" not in page  # configure role only
+            forbidden = await client.post("/ui/syncs/acme-o365/test", data={"csrf": "x" * 43},
+                                          headers={"Accept": "application/json"})
+            assert forbidden.status == 403
+
+            csrf = await sign_in(client, await new_token(pool, "acme", "configure"))
+            page = await (await client.get("/ui/syncs/acme-o365")).text()
+            assert 'id="test-button"' in page and "Test connection" in page
+            ok = await client.post("/ui/syncs/acme-o365/test",
+                                   data={"csrf": csrf, "mailbox": "Jane@acme.test"},
+                                   headers={"Accept": "application/json"})
+            assert ok.status == 200
+            assert await ok.json() == {"ok": True, "provider": "microsoft365",
+                                       "mailbox": "jane@acme.test", "code": None,
+                                       "message": None, "hint": None}
+            failed = await client.post("/ui/syncs/acme-o365/test",
+                                       data={"csrf": csrf, "mailbox": "nobody@acme.test"},
+                                       headers={"Accept": "application/json"})
+            doc = await failed.json()
+            assert doc["ok"] is False and doc["code"] == "mailbox_not_found"
+            assert doc["message"] and "nobody@acme.test" in doc["hint"]
+            # without JavaScript: the page comes back with the answer
+            html = await client.post("/ui/syncs/acme-o365/test",
+                                     data={"csrf": csrf, "mailbox": "nobody@acme.test"})
+            text = await html.text()
+            assert html.status == 200 and "<code>mailbox_not_found</code>" in text
+            # no mailbox given and none known yet: said so
+            none = await client.post("/ui/syncs/acme-o365/test", data={"csrf": csrf},
+                                     headers={"Accept": "application/json"})
+            assert none.status == 400 and "no mailbox" in (await none.json())["error"]["message"]
+            stale = await client.post("/ui/syncs/acme-o365/test",
+                                      data={"csrf": "y" * 43, "mailbox": "jane@acme.test"})
+            assert stale.status == 403  # CSRF
+        assert all(r.method == "GET" for r in graph.requests if r.mailbox)
+        assert not graph.events.get("jane@acme.test")
+    finally:
+        await graph.stop()

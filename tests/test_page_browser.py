@@ -166,6 +166,16 @@ async def test_sign_in_see_the_cause_retry_and_resync(
 
             await wait_until(failed_again, timeout=30)
 
+            # test the connection (configure role): the probe's code and hint, in place
+            await page.get_by_label("Mailbox (optional)").fill("jane@acme.test")
+            await page.get_by_role("button", name="Test connection").click()
+            result = page.locator("#test-result")
+            await expect(result.locator("code")).to_have_text("consent_missing")
+            await expect(result).to_contain_text("consent-url acme-o365")
+            await expect(page.get_by_role("button", name="Test connection")).to_be_enabled()
+            await page.locator("section", has=page.locator("#test-title")).screenshot(
+                path=shot("07-test-connection"))
+
             # synchronize from a date: the count first, then a job and its progress bar
             await page.goto(base + "/ui/syncs/acme-cal")
             await page.get_by_label("Absences ending on or after").fill("2026-12-04")

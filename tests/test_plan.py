@@ -1,4 +1,4 @@
-"""plan() (SPEC sections 5 and 7): desired vs recorded -> exactly one action."""
+"""plan() (docs/rendering.md, docs/guarantees.md): desired vs recorded -> exactly one action."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_plan_after_a_write_is_a_noop() -> None:
     assert plan(moved, after_move) == Noop()
 
 
-# --- coalescing (SPEC 7): three quick changes -> one write of the latest state ------
+# --- coalescing (docs/guarantees.md): three quick changes -> one write of the latest state ------
 
 
 def _absence(version: int, *, name: str, end: str) -> Absence:

@@ -1,4 +1,4 @@
-"""Rendering rules (SPEC section 5) as tables.
+"""Rendering rules (docs/rendering.md) as tables.
 
 Expected values are written from the spec text, never computed by the code
 under test. Absences are built from event-shaped dicts through

@@ -312,8 +312,8 @@ def test_a_changed_rule_changes_the_written_event() -> None:
         ({TYPE: {"show_as": "away"}}, "field 'types.training.show_as': must be one of free, "
                                       "tentative, busy, oof, workingElsewhere, got 'away'"),
         ({TYPE: {"show_as": "Busy"}}, "got 'Busy'"),
-        ({TYPE: {"label": "x" * 256}}, "field 'types.training.label': String should have at "
-                                       "most 255 characters"),
+        ({TYPE: {"label": "x" * 256}}, "field 'types.training.label': must be at most 255 "
+                                       "characters long (256 given)"),
         ({TYPE: {"label": "\u202e\x00 \n"}}, "field 'types.training.label': must hold "
                                              "visible text"),
         ({TYPE: {"label": ""}}, "field 'types.training.label'"),

@@ -286,8 +286,9 @@ async def test_stale_events_in_the_topic_change_nothing(
 async def test_from_time_reads_from_that_time(
     settings: Settings, publisher: Publisher, pool: asyncpg.Pool
 ) -> None:
-    """Records older than --from-time are not read; the filters still decide
-    what is marked among what is recorded."""
+    """Records older than --from-time are not read, and only the absences read
+    are in scope (dry run or not), even when older ones are recorded; the
+    filters then decide among those."""
     await apply(pool, *configs()[:2])
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
     await producer.start()
@@ -323,9 +324,28 @@ async def test_from_time_reads_from_that_time(
     ids = {r["id"] for r in await pool.fetch("SELECT id FROM absences")}
     assert ids == {f"new-{i}" for i in range(20)}
 
-    future = await rs.resync(pool, settings, bootstrap, rs.ResyncRequest(
-        tenant="acme", from_time=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)))
-    assert (future.read, future.marked) == (0, 20)  # reads nothing, marks what is recorded
+    full = await rs.resync(pool, settings, bootstrap, rs.ResyncRequest(tenant="acme"))
+    assert (full.read, full.in_scope, full.marked) == (50, 50, 50)  # the old ones recorded too
+
+    code, out, err = await run_cli(
+        settings, "resync", "--tenant", "acme", "--dry-run", "--json",
+        "--from-time", cut.isoformat().replace("+00:00", "Z"),
+    )
+    assert code == 0, err
+    assert (last_json(out)["read"], last_json(out)["in_scope"]) == (20, 20)
+    again = await rs.resync(pool, settings, bootstrap, rs.ResyncRequest(tenant="acme",
+                                                                         from_time=cut))
+    assert (again.read, again.in_scope, again.marked) == (20, 20, 20)
+    marked = {r["absence_id"] for r in await pool.fetch(
+        "SELECT absence_id FROM sync_items WHERE resync_job = (SELECT resync_job FROM"
+        " sync_items WHERE config_id = 'acme-all' AND absence_id = 'new-0')")}
+    assert marked == {f"new-{i}" for i in range(20)}
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    for dry_run in (True, False):
+        future = await rs.resync(pool, settings, bootstrap, rs.ResyncRequest(
+            tenant="acme", from_time=later, dry_run=dry_run))
+        assert (future.read, future.in_scope, future.marked) == (0, 0, 0)  # nothing read
 
 
 def _json(doc: dict[str, Any]) -> bytes:

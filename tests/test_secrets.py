@@ -1,4 +1,4 @@
-"""No secret in any log line, metric, HTTP response or CLI output (SPEC section 11).
+"""No secret in any log line, metric, HTTP response or CLI output (README, 'Security').
 
 `absence-sync run` (DEBUG logging) works for a Microsoft 365, a CalDAV and an
 Exchange configuration through failures and throttling, against HTTPS doubles whose

@@ -1,4 +1,4 @@
-"""ABSENCE_SYNC_* settings (SPEC section 13): defaults, overrides, readable errors."""
+"""ABSENCE_SYNC_* settings (README, 'Settings'): defaults, overrides, readable errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hypothesis state machine over the sync core (STYLE habit 11).
+"""Hypothesis state machine over the sync core (docs/guarantees.md).
 
 Random sequences of new versions, redeliveries, reorderings, dispatcher
 runs and crashes (a worker dying right after a calendar write, before its

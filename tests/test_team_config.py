@@ -44,7 +44,7 @@ def test_without_team_calendar_a_configuration_has_its_calendar_only() -> None:
 @pytest.mark.parametrize(
     ("team", "field", "fragment"),
     [
-        ({}, "team_calendar.address", "Field required"),
+        ({}, "team_calendar.address", "is required"),
         ({"address": ""}, "team_calendar.address", "must be an e-mail address"),
         ({"address": "team/paris"}, "team_calendar.address", "must be an e-mail address such "
                                                             "as team-paris@acme.example"),

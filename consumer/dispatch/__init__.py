@@ -1,4 +1,4 @@
-"""Dispatch (SPEC section 7): pending work -> providers, in batches, within limits.
+"""Dispatch (docs/guarantees.md): pending work -> providers, in batches, within limits.
 
 The parts, each doing one thing and tested alone:
 

@@ -9,6 +9,14 @@ built (say a provider this version does not have) caches that
 rebuild per batch. What a provider reports about its configuration
 (`Provider.warnings`, e.g. a server out of support) is stored on the
 configuration when it changes.
+
+A configuration whose stored secrets this worker cannot decrypt (its
+ABSENCE_SYNC_SECRET_KEYS differ from the keys `config apply` used, or are
+not set) resolves, for the process's life, to a permanent `auth_failed`
+problem whose hint names the configuration and the way out: its items fail
+visibly instead of being leased again and again. Keys are read at start, so
+once the worker runs with the right keys (or the secrets are applied again),
+`absence-sync retry` writes them.
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from consumer import logs, store
-from consumer.providers.base import Provider, ProviderError
-from consumer.secrets import SecretBox
+from consumer.providers.base import AUTH_FAILED, Provider, ProviderError
+from consumer.secrets import SecretBox, SecretsError
 
 log = logs.get("dispatch")
 
@@ -35,6 +43,26 @@ class Resolved:
     stored: store.StoredConfig
     provider: Provider | None
     problem: ProviderError | None = None
+
+
+def unreadable_secrets(config_id: str, keys_set: bool) -> ProviderError:
+    """The permanent failure of a configuration whose stored secrets this worker
+    cannot decrypt (`keys_set`: it has keys, none of which fits)."""
+    reason = ("none of the keys in ABSENCE_SYNC_SECRET_KEYS decrypts them" if keys_set
+              else "ABSENCE_SYNC_SECRET_KEYS is not set")
+    return ProviderError(
+        AUTH_FAILED,
+        f"configuration {config_id!r}: the worker cannot decrypt its stored secrets "
+        f"({reason})",
+        retriable=False,
+        hint=(
+            f"Configuration {config_id!r}: give the worker the same ABSENCE_SYNC_SECRET_KEYS "
+            "as `absence-sync config apply` used, restart it and run "
+            f"`absence-sync retry --config {config_id}`; or re-apply the configuration with "
+            "`absence-sync config apply -f FILE --replace-secrets` (its failed items are "
+            "then retried)."
+        ),
+    )
 
 
 class ProviderCache:
@@ -51,13 +79,20 @@ class ProviderCache:
         cached = self._entries.get(config_id)
         if cached is not None and cached.stored.revision >= revision:
             return cached
-        stored = await store.get_config(self.pool, config_id, self.box)
-        if stored is None:
-            return None
         try:
-            resolved = Resolved(stored, self.factory(stored))
-        except ProviderError as exc:
-            resolved = Resolved(stored, None, exc)
+            stored = await store.get_config(self.pool, config_id, self.box)
+        except SecretsError:
+            stored = await store.get_config(self.pool, config_id)  # without its secrets
+            if stored is None:
+                return None
+            resolved = Resolved(stored, None, unreadable_secrets(config_id, self.box.enabled))
+        else:
+            if stored is None:
+                return None
+            try:
+                resolved = Resolved(stored, self.factory(stored))
+            except ProviderError as exc:
+                resolved = Resolved(stored, None, exc)
         if cached is not None and cached.provider is not None:
             with contextlib.suppress(Exception):
                 await cached.provider.close()

@@ -1,4 +1,4 @@
-"""The scheduler (SPEC section 7): lease due work in batches, keep slots, drain.
+"""The scheduler (docs/guarantees.md): lease due work in batches, keep slots, drain.
 
 `Dispatcher` leases due items from PostgreSQL in batches (`FOR UPDATE SKIP
 LOCKED`, so replicas share work without doubles), never more than

@@ -1,4 +1,5 @@
-"""The provider boundary (SPEC sections 6 and 7): the interface, the error
+"""The provider boundary (docs/guarantees.md,
+'Permanent failures and error codes'): the interface, the error
 vocabulary, and the one HTTP layer every HTTP provider builds on.
 
 Every calendar provider implements `Provider`; every failure leaves a

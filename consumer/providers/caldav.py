@@ -1,4 +1,4 @@
-"""The CalDAV provider (SPEC section 6): any CalDAV server, basic auth, one
+"""The CalDAV provider (docs/configuration.md, 'caldav'): any CalDAV server, basic auth, one
 calendar collection per employee found through a URL template.
 
 Each event is one iCalendar object in its own resource, named after a UID

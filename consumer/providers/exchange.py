@@ -1,4 +1,4 @@
-"""Exchange Server on-premises through EWS with exchangelib and impersonation (SPEC section 6).
+"""Exchange Server on-premises through EWS with exchangelib and impersonation (docs/exchange.md).
 
 One `ExchangeProvider` per sync configuration, that is per EWS endpoint and
 service account. What callers may rely on:

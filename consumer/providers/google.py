@@ -1,4 +1,4 @@
-"""Google Calendar through the Calendar API v3, as each employee (SPEC section 6).
+"""Google Calendar through the Calendar API v3, as each employee (docs/google.md).
 
 One `GoogleProvider` per sync configuration, holding one service account
 key with domain-wide delegation (`google_auth.GoogleTokens`: a JWT bearer
@@ -71,7 +71,6 @@ from consumer.providers.google_auth import (
     GMAIL_SCOPE,
     GoogleTokens,
     ServiceAccountKey,
-    delegation_hint,
 )
 from consumer.replies import ReplySetting
 
@@ -227,10 +226,13 @@ def translate_error(problem: GoogleReply | BaseException, *, mailbox: str = "",
         if status == 401:
             return ProviderError(AUTH_FAILED, message, retriable=False, hint=_HINT_REFUSED)
         if status == 403:
+            who = f"{mailbox}'s calendar" if mailbox else "the calendar"
             return ProviderError(
                 ACCESS_DENIED, message, retriable=False,
-                hint=(f"Writing to {mailbox}'s calendar was refused. " if mailbox else "")
-                + delegation_hint("", CALENDAR_SCOPE),
+                hint=f"Writing to {who} was refused: the employee may not write the "
+                "configured calendar_id (check its sharing), or the service account's "
+                f"delegation lacks the scope {CALENDAR_SCOPE} (check it in the Google Admin "
+                "console, Security > API controls > Domain-wide delegation).",
             )
         if status in (409, 412):  # conflicting concurrent changes pass
             return ProviderError(PROVIDER_ERROR, message, retriable=True)

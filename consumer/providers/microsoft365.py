@@ -1,4 +1,4 @@
-"""Microsoft 365 calendars through Microsoft Graph, app-only (SPEC section 6).
+"""Microsoft 365 calendars through Microsoft Graph, app-only (docs/microsoft365.md).
 
 One `Microsoft365Provider` per sync configuration, that is per customer
 directory (tenant). What callers may rely on:

@@ -1,4 +1,4 @@
-"""PostgreSQL: the only module that knows SQL (STYLE: one-way data flow).
+"""PostgreSQL: the only module that knows SQL (README, 'Architecture': data flows one way).
 
 Tables are created by versioned plain-SQL migrations (`migrations/NNNN_*.sql`)
 applied under an advisory lock, so several replicas may start at once.
@@ -23,7 +23,7 @@ import orjson
 from consumer.config import SyncConfig
 from consumer.errors import Unreachable, dsn_address
 from consumer.events import Absence, InvalidEvent, absence_from_data
-from consumer.secrets import SecretBox
+from consumer.secrets import SecretBox, SecretsError
 from consumer.targets import CALENDAR, KNOWN, targets_of
 
 MIGRATION_LOCK = 0x616273656E6365  # "absence"
@@ -51,6 +51,12 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 class ConflictError(Exception):
     """A change that would let one tenant reach another's configuration or
     directory; nothing was changed. The message names no other tenant."""
+
+
+class ConsentMismatch(ConflictError):
+    """A file or document names another Microsoft 365 directory than the one an
+    administrator's consent recorded; nothing was changed. Consent wins: leave
+    `tenant_id` out, or give the consented directory."""
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -132,6 +138,15 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     return applied
 
 
+async def pending_migrations(pool: asyncpg.Pool) -> list[str]:
+    """The migrations not applied yet (all of them on an empty database), for
+    read-only commands that must not change the schema themselves."""
+    exists = await pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    done = {r["version"] for r in await pool.fetch("SELECT version FROM schema_migrations")
+            } if exists else set()
+    return [name for version, name, _ in _migrations() if version not in done]
+
+
 # --- configurations ---------------------------------------------------------
 
 
@@ -150,23 +165,74 @@ class StoredConfig:
     secret_names: tuple[str, ...] = ()
     # what a provider reported about this configuration (e.g. an out-of-support server)
     warnings: tuple[str, ...] = ()
+    #: when admin consent recorded `granted_tenant_id` (None: before that was recorded)
+    granted_at: dt.datetime | None = None
+    #: set by `absence-sync config pause`: nothing is written until `config resume`
+    paused_at: dt.datetime | None = None
 
 
 def _config_from_row(row: asyncpg.Record, box: SecretBox | None) -> StoredConfig:
     settings = json.loads(row["settings"])
     names = settings.pop("secrets", None) or []
-    secrets = box.decrypt(row["secrets"]) if box is not None else {}
-    if row["granted_tenant_id"] and not settings["provider_settings"].get("tenant_id"):
+    secrets = _decrypt(box, row["id"], row["secrets"]) if box is not None else {}
+    if row["granted_tenant_id"] and settings.get("provider") == "microsoft365":
+        # consent wins: the directory that consented is the one used (a file naming
+        # another one is refused by `apply_configs`, see `_consent_mismatch`)
         settings["provider_settings"]["tenant_id"] = row["granted_tenant_id"]
     config = SyncConfig(**settings, secrets=secrets)
     return StoredConfig(
         config, row["revision"], row["granted_tenant_id"], row["updated_at"],
         tuple(sorted(secrets or names)), tuple(json.loads(row["warnings"])),
+        row["granted_at"], row["paused_at"],
+    )
+
+
+#: how an operator gets out of secrets that cannot be read
+SECRETS_FIX = (
+    "add the key they were encrypted with to ABSENCE_SYNC_SECRET_KEYS, or set them again "
+    "from the configuration file with: absence-sync config apply -f FILE --replace-secrets"
+)
+
+
+def _decrypt(box: SecretBox, config_id: str, token: bytes | None) -> dict[str, str]:
+    """`box.decrypt`, with an error that names the configuration and the way out."""
+    try:
+        return box.decrypt(token)
+    except SecretsError as exc:
+        raise SecretsError(f"configuration {config_id!r}: {exc}; {SECRETS_FIX}") from exc
+
+
+def _encrypt(box: SecretBox, config: SyncConfig) -> bytes | None:
+    try:
+        return box.encrypt(config.secrets)
+    except SecretsError as exc:
+        raise SecretsError(f"configuration {config.id!r}: {exc}") from exc
+
+
+def _consent_mismatch(config: SyncConfig, old: asyncpg.Record) -> ConsentMismatch | None:
+    """The error for a configuration that names another directory than the one
+    recorded by admin consent (the same id, in any case, is fine)."""
+    granted: str | None = old["granted_tenant_id"]
+    given = config.provider_settings.get("tenant_id") if config.provider == "microsoft365" else None
+    if not granted or not given or str(given).strip().lower() == granted.lower():
+        return None
+    when: dt.datetime | None = old["granted_at"]
+    at = (f"on {when.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC" if when is not None
+          else "before consent times were recorded")
+    return ConsentMismatch(
+        f"sync {config.id!r}: field 'microsoft365.tenant_id': {str(given)!r} is not the "
+        f"directory that granted admin consent ({granted}, {at}); consent wins: leave "
+        f"tenant_id out or give {granted}. To link another directory, have its "
+        f"administrator grant consent: absence-sync consent-url {config.id}"
     )
 
 
 async def apply_configs(
-    pool: asyncpg.Pool, configs: Sequence[SyncConfig], box: SecretBox
+    pool: asyncpg.Pool,
+    configs: Sequence[SyncConfig],
+    box: SecretBox,
+    *,
+    replace_secrets: bool = False,
 ) -> dict[str, str]:
     """Create or update configurations in one transaction.
 
@@ -174,10 +240,15 @@ async def apply_configs(
     rendering fields change re-renders all its absences; any change re-queues
     its failed items (credentials may have been fixed). Raises `ConflictError`,
     applying nothing, when an id belongs to another tenant's configuration or a
-    Microsoft 365 directory is linked to one.
+    Microsoft 365 directory is linked to one, and `ConsentMismatch` when a
+    file names another directory than the one that granted consent.
+
+    Stored secrets are decrypted to tell whether they changed; ones that cannot
+    be (a lost key) raise `SecretsError` naming the configuration, unless
+    `replace_secrets`, which stores the given secrets over them.
     """
     outcome: dict[str, str] = {}
-    encrypted = {c.id: box.encrypt(c.secrets) for c in configs}
+    encrypted = {c.id: _encrypt(box, c) for c in configs}
     async with pool.acquire() as conn, conn.transaction():
         # wait for intake transactions in flight, and hold new ones until we commit:
         # an absence recorded concurrently is then either backfilled here or
@@ -205,6 +276,8 @@ async def apply_configs(
                     f"configuration id {config.id!r} is taken by another tenant: ids are "
                     "unique across tenants, choose another id"
                 )
+            if old is not None and (mismatch := _consent_mismatch(config, old)) is not None:
+                raise mismatch
             targets = targets_of(config)
             if old is None:
                 await conn.execute(
@@ -217,9 +290,7 @@ async def apply_configs(
                 outcome[config.id] = "created"
                 continue
             same_settings = json.loads(old["settings"]) == json.loads(settings)
-            same_secrets = box.decrypt(old["secrets"]) == config.secrets if box.enabled else (
-                old["secrets"] is None and not config.secrets
-            )
+            same_secrets = _same_secrets(box, old, config, replace=replace_secrets)
             if same_settings and same_secrets:
                 outcome[config.id] = "unchanged"
                 continue
@@ -242,6 +313,20 @@ async def apply_configs(
                 await requeue(conn, config.id, only_failed=True)
             outcome[config.id] = "updated"
     return outcome
+
+
+def _same_secrets(box: SecretBox, old: asyncpg.Record, config: SyncConfig, *,
+                  replace: bool) -> bool:
+    """Whether the stored secrets equal the given ones; with `replace`, secrets
+    that cannot be decrypted count as different (they are then overwritten)."""
+    if not box.enabled:
+        return old["secrets"] is None and not config.secrets
+    try:
+        return _decrypt(box, config.id, old["secrets"]) == config.secrets
+    except SecretsError:
+        if replace:
+            return False
+        raise
 
 
 async def _backfill_items(
@@ -332,6 +417,33 @@ async def sample_mailbox(pool: asyncpg.Pool, config_id: str) -> str | None:
     return address
 
 
+# --- operator commands: pause, status ------------------------------------------
+
+
+async def set_paused(pool: asyncpg.Pool, config_id: str, paused: bool) -> StoredConfig | None:
+    """Pause or resume a configuration (see `CONFIG_FILTERS`); None when there is no
+    such configuration. Not a configuration change: the revision stays and
+    nothing is re-queued, so resuming writes exactly the backlog."""
+    row = await pool.fetchrow(
+        "UPDATE sync_configs SET paused_at ="
+        " CASE WHEN $2 THEN COALESCE(paused_at, now()) ELSE NULL END"
+        " WHERE id = $1 RETURNING *",
+        config_id, paused,
+    )
+    return _config_from_row(row, None) if row is not None else None
+
+
+async def pending_by_config(pool: asyncpg.Pool) -> dict[str, Backlog]:
+    """Per configuration with work waiting: how many items, and the age of the
+    oldest (paused configurations included)."""
+    rows = await pool.fetch(
+        "SELECT config_id, count(*) AS n,"
+        " EXTRACT(EPOCH FROM now() - min(pending_since)) AS age"
+        " FROM sync_items WHERE change_seq > done_seq GROUP BY config_id"
+    )
+    return {r["config_id"]: Backlog(int(r["n"]), float(r["age"])) for r in rows}
+
+
 async def reencrypt(pool: asyncpg.Pool, box: SecretBox) -> int:
     """Re-encrypt every stored secret with the first key (key rotation)."""
     count = 0
@@ -340,9 +452,12 @@ async def reencrypt(pool: asyncpg.Pool, box: SecretBox) -> int:
             "SELECT id, secrets FROM sync_configs WHERE secrets IS NOT NULL FOR UPDATE"
         )
         for row in rows:
+            try:
+                rotated = box.rotate(row["secrets"])
+            except SecretsError as exc:
+                raise SecretsError(f"configuration {row['id']!r}: {exc}; {SECRETS_FIX}") from exc
             await conn.execute(
-                "UPDATE sync_configs SET secrets = $2 WHERE id = $1",
-                row["id"], box.rotate(row["secrets"]),
+                "UPDATE sync_configs SET secrets = $2 WHERE id = $1", row["id"], rotated,
             )
             count += 1
     return count
@@ -401,8 +516,8 @@ async def grant_consent(pool: asyncpg.Pool, state: str, tenant_id: str) -> str |
         config_id: str = request["id"]
         await conn.execute("DELETE FROM consent_states WHERE state = $1", state)
         await conn.execute(
-            "UPDATE sync_configs SET granted_tenant_id = $2, revision = revision + 1,"
-            " updated_at = now() WHERE id = $1",
+            "UPDATE sync_configs SET granted_tenant_id = $2, granted_at = now(),"
+            " revision = revision + 1, updated_at = now() WHERE id = $1",
             config_id, tenant_id,
         )
         await requeue(conn, config_id, only_failed=True)
@@ -582,7 +697,10 @@ _DUE = (
 ITEM_FILTERS: tuple[str, ...] = (
     _DUE, "s.target IN (" + ", ".join(f"'{t}'" for t in KNOWN) + ")",
 )
-CONFIG_FILTERS: tuple[str, ...] = ()
+#: THE PAUSE FILTER (`absence-sync config pause`): the items of a paused
+#: configuration stay pending (intake keeps marking them) and are not claimed,
+#: so nothing is written until `config resume`; a purge still deletes its events.
+CONFIG_FILTERS: tuple[str, ...] = ("(c.paused_at IS NULL OR c.purge_requested_at IS NOT NULL)",)
 
 
 def _claim_filters() -> str:

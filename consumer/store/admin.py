@@ -375,6 +375,35 @@ async def finish_purges(pool: asyncpg.Pool) -> list[str]:
     return ids
 
 
+@dataclass(frozen=True, slots=True)
+class PurgeLeft:
+    """What keeps a configuration being purged from being removed."""
+
+    left: int  # items whose calendar may still hold an event, or with work pending
+    stuck: int  # of those, failed for good (a delete the calendar refused)
+
+
+async def purge_left(pool: asyncpg.Pool, config_id: str) -> PurgeLeft | None:
+    """For `config delete --purge --wait`: None once the configuration is gone.
+    Counts what `finish_purges` waits for."""
+    row = await pool.fetchrow(
+        """
+        SELECT EXISTS (SELECT 1 FROM sync_configs WHERE id = $1) AS present,
+               count(*) FILTER (WHERE s.event_id IS NOT NULL OR s.change_seq > s.done_seq
+                                OR s.lease_until > now()
+                                OR (s.intent = 'create' AND s.status <> 'failed')) AS left,
+               count(*) FILTER (WHERE s.status = 'failed' AND s.change_seq <= s.done_seq
+                                AND s.event_id IS NOT NULL) AS stuck
+        FROM sync_items s WHERE s.config_id = $1
+        """,
+        config_id,
+    )
+    assert row is not None
+    if not row["present"]:
+        return None
+    return PurgeLeft(int(row["left"]), int(row["stuck"]))
+
+
 # --- resync scope (used by the interim resync adapter) ------------------------
 
 

@@ -197,7 +197,10 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
             try:
                 for config_id in await admin_store.finish_purges(state.pool):
                     log.info("configuration purged and removed", config=config_id)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
+                if not (store.is_unavailable(exc) or isinstance(exc, asyncpg.PostgresError)):
+                    raise
+                # the database is away (an outage intake and dispatch wait out): next round
                 log.warning("purge check failed", error=str(exc))
             await asyncio.sleep(state.housekeeping_seconds)
 

@@ -1,4 +1,4 @@
-"""The administration API under /api/v1 (SPEC section 9), described by openapi.py.
+"""The administration API under /api/v1 (docs/administration.md), described by openapi.py.
 
 Authentication is `Authorization: Bearer TOKEN` only (never a cookie, so a
 browser cannot be made to send it cross-site). Order of answers: 401 without

@@ -68,8 +68,8 @@ _COMPONENTS: dict[str, Any] = {
         "Sync": {
             "type": "object",
             "required": ["id", "tenant", "provider", "establishments", "health", "cause",
-                         "consent_url", "warnings", "counts", "last_success_at",
-                         "last_failure_at", "deleting"],
+                         "consent_url", "warnings", "counts", "synced", "pending", "failed",
+                         "last_success_at", "last_failure_at", "deleting", "paused"],
             "properties": {
                 "id": {"type": "string"},
                 "tenant": {"type": "string"},
@@ -88,6 +88,12 @@ _COMPONENTS: dict[str, Any] = {
                                 "missing."},
                 "warnings": {"type": "array", "items": {"type": "string"}},
                 "counts": {"$ref": "#/components/schemas/Counts"},
+                "synced": {"type": "integer", "minimum": 0,
+                           "description": "Items written as wanted (= counts.synced)."},
+                "pending": {"type": "integer", "minimum": 0,
+                            "description": "Items waiting for a write (= counts.pending)."},
+                "failed": {"type": "integer", "minimum": 0, "description":
+                           "Items whose write failed permanently (= counts.failed)."},
                 "counts_by_target": {
                     "type": "object", "description": "The same counts per target: calendar "
                     "(the employees' own calendars), team (the team calendar); only targets "
@@ -99,6 +105,10 @@ _COMPONENTS: dict[str, Any] = {
                 "deleting": {"type": "boolean", "description":
                              "A purge is deleting this configuration's events; it disappears "
                              "when none is left."},
+                "paused": {"type": "boolean", "description":
+                           "An operator paused it (`absence-sync config pause`): changes are "
+                           "recorded and wait as pending writes; nothing is written until "
+                           "`absence-sync config resume`."},
             },
         },
         "SyncDetail": {

@@ -297,6 +297,7 @@ async def _sync_page(
     resync: _Resync | None = None,
     edit_error: str | None = None,
     notice: str | None = None,
+    probe: dict[str, Any] | None = None,
     new_feed: NewFeed | None = None,
     feed_error: str | None = None,
 ) -> web.Response:
@@ -323,8 +324,8 @@ async def _sync_page(
         can_manage=can_manage,
         can_configure=tokens.allows(caller.role, "configure"),
         resync=resync or _Resync(), default_since=dt.datetime.now(dt.UTC).date().isoformat(),
-        form=form, edit_error=edit_error, notice=notice, feeds=feed_rows, new_feed=new_feed,
-        feed_error=feed_error, **_who(caller),
+        form=form, edit_error=edit_error, notice=notice, probe=probe, feeds=feed_rows,
+        new_feed=new_feed, feed_error=feed_error, **_who(caller),
     )
 
 
@@ -430,6 +431,27 @@ async def save_settings(request: web.Request, caller: Caller) -> web.StreamRespo
     return _redirect(f"/ui/syncs/{config_id}?saved=1")
 
 
+@signed_in("configure")
+async def test_connection(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """The "Test connection" button: `absence-sync config test` for one mailbox."""
+    form = await _checked_form(request)
+    config_id = request.match_info["id"]
+    mailbox = str(form.get("mailbox", "")).strip() or None
+    result = await _admin(request).test_connection(caller.tenant, config_id, mailbox)
+    error = result.error
+    doc = {
+        "ok": result.ok, "provider": result.provider, "mailbox": result.mailbox,
+        "code": error.code if error else None,
+        "message": logs.redact_text(error.message) if error else None,
+        "hint": error.hint if error else None,
+    }
+    log.info("connection tested on the page", tenant=caller.tenant, config=config_id,
+             token_id=caller.token_id, ok=result.ok, code=doc["code"])
+    if _wants_json(request):
+        return web.json_response(doc)
+    return await _sync_page(request, caller, config_id, probe=doc)
+
+
 @signed_in("manage")
 async def create_feed(request: web.Request, caller: Caller) -> web.StreamResponse:
     """Create a feed link and show its URL once, on the page this answers (never in
@@ -471,6 +493,7 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/ui/syncs/{id}/retry", retry)
     app.router.add_post("/ui/syncs/{id}/resync", resync)
     app.router.add_post("/ui/syncs/{id}/settings", save_settings)
+    app.router.add_post("/ui/syncs/{id}/test", test_connection)
     app.router.add_post("/ui/syncs/{id}/feeds", create_feed)
     app.router.add_post("/ui/syncs/{id}/feeds/{feed}/revoke", revoke_feed)
     app.router.add_get("/ui/jobs/{id}", job_page)

@@ -98,3 +98,56 @@
     }).catch(fail);
   }
 }());
+
+// "Test connection" without leaving the page: the answer (ok, or the error
+// code, message and hint) is shown under the button. Without JavaScript the
+// form posts and the page comes back with the same answer.
+(function () {
+  "use strict";
+  var form = document.getElementById("test-form");
+  if (!form) { return; }
+  var button = document.getElementById("test-button");
+  var result = document.getElementById("test-result");
+
+  function line(className, text) {
+    var p = document.createElement("p");
+    p.className = className;
+    p.textContent = text;
+    return p;
+  }
+
+  function show(body) {
+    result.textContent = "";
+    if (body.ok) {
+      result.appendChild(line("notice", "OK: " + body.provider + " reached the calendar of " +
+        body.mailbox + " (nothing was written)."));
+      return;
+    }
+    var error = line("error", " " + body.message);
+    var code = document.createElement("code");
+    code.textContent = body.code;
+    error.insertBefore(code, error.firstChild);
+    result.appendChild(error);
+    if (body.hint) { result.appendChild(line("", body.hint)); }
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    button.disabled = true;
+    result.textContent = "Testing…";
+    fetch(form.action, {
+      method: "POST", body: new URLSearchParams(new FormData(form)),
+      credentials: "same-origin", headers: { "Accept": "application/json" }
+    }).then(function (response) {
+      return response.json().then(function (body) {
+        if (!response.ok) {
+          throw new Error(body && body.error ? body.error.message : response.statusText);
+        }
+        return body;
+      });
+    }).then(show).catch(function (error) {
+      result.textContent = "";
+      result.appendChild(line("error", "The test could not run: " + error.message));
+    }).then(function () { button.disabled = false; });
+  });
+}());
