@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -69,30 +69,6 @@ class _Partition:
 
 _START_GRACE_SECONDS = 5.0
 
-#: closings of clients whose start outlived its caller (strong references)
-_late_closings: set[asyncio.Task[None]] = set()
-
-
-def _close_when_started(
-    starting: asyncio.Future[None], close: Callable[[], Awaitable[None]]
-) -> None:
-    """Close an aiokafka client once its start has ended, without waiting for it.
-
-    A start cancelled midway leaves its bootstrap connection open (aiokafka
-    keeps it in a local variable only), so a caller that cannot wait lets the
-    start run to its end (bounded by the client's own request timeout) and
-    the client is closed afterwards."""
-
-    async def close_later() -> None:
-        with contextlib.suppress(BaseException):
-            await starting
-        with contextlib.suppress(Exception):
-            await close()
-
-    task = asyncio.ensure_future(close_later())
-    _late_closings.add(task)
-    task.add_done_callback(_late_closings.discard)
-
 
 @dataclass
 class TopicReader:
@@ -126,15 +102,11 @@ class TopicReader:
         except BaseException:  # cancelled too: no connection is left open
             if not starting.done():
                 # aiokafka loses track of its bootstrap connection when its start is
-                # cancelled midway, so the start is never cancelled: waited for
-                # briefly, else left to finish in the background and closed then
+                # cancelled midway: let the start finish (briefly), then close
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(asyncio.shield(starting), _START_GRACE_SECONDS)
-            if not starting.done():
-                consumer, self._consumer = self._consumer, None
-                _close_when_started(starting, consumer.stop)
-            else:
-                await self._close_consumer()
+                starting.cancel()
+            await self._close_consumer()
             raise
         return self
 
@@ -258,25 +230,8 @@ async def delete_group(settings: Settings, bootstrap: str, group_id: str) -> boo
     True when no such group is left. aiokafka's admin client has no method for
     it, so the request goes through its client."""
     admin = AIOKafkaAdminClient(**client_args(settings, bootstrap))
-    starting = asyncio.ensure_future(admin.start())
     try:
-        await asyncio.shield(starting)
-    except asyncio.CancelledError:
-        if not starting.done():
-            _close_when_started(starting, admin.close)
-            raise
-        with contextlib.suppress(KafkaError):
-            await admin.close()
-        raise
-    except KafkaError as exc:
-        with contextlib.suppress(KafkaError):
-            await admin.close()
-        log.warning(
-            "could not delete the temporary consumer group; delete it with the Kafka tools",
-            group=group_id, error=str(exc),
-        )
-        return False
-    try:
+        await admin.start()
         node = await admin.find_coordinator(group_id)
         response = await admin._client.send(node, DeleteGroupsRequest([group_id]))
     except KafkaError as exc:
