@@ -203,8 +203,13 @@ class TlsProxy:
         pipes = [asyncio.ensure_future(_pipe(reader, up_writer)),
                  asyncio.ensure_future(_pipe(up_reader, writer))]
         self._pipes.update(pipes)
-        await asyncio.gather(*pipes, return_exceptions=True)
-        self._pipes.difference_update(pipes)
+        try:
+            await asyncio.gather(*pipes, return_exceptions=True)
+        finally:
+            # a pipe cancelled before it first ran never reaches its own close
+            self._pipes.difference_update(pipes)
+            for end in (up_writer, writer):
+                end.close()
 
     async def stop(self) -> None:
         assert self._server is not None
