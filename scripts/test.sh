@@ -27,4 +27,7 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
 fi
 .venv/bin/ruff check consumer tests bench
 .venv/bin/mypy
-.venv/bin/python -m pytest "$@"
+# two test processes (pytest-xdist; each starts its own broker and PostgreSQL):
+# most tests wait on subprocesses and servers, so two share 2 cores well and take
+# about half the time of one; PYTEST_WORKERS=0 runs everything in one process
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"

@@ -107,7 +107,17 @@ async def test_sigkill_during_team_writes_leaves_one_team_event_per_wanted_absen
         }
         team = await _marks(caldav, TEAM)
         assert {k: n for k, n in team.items() if n > 1} == {}
-        assert set(team) == {Mark(config.id, a, team=True).value for a in wanted}
+        expected = {Mark(config.id, a, team=True).value for a in wanted}
+        if set(team) != expected:  # say what the work table thinks of the difference
+            odd = sorted(Mark.parse(m).absence_id  # type: ignore[union-attr]
+                         for m in set(team) ^ expected)
+            rows = await pool.fetch(
+                "SELECT absence_id, target, status, last_error_code, last_error_message,"
+                " event_id, mailbox, attempts FROM sync_items WHERE absence_id = ANY($1)", odd)
+            log = (tmp_path / "w.log").read_text(errors="replace")
+            lines = [line for line in log.splitlines() if any(a in line for a in odd)]
+            raise AssertionError(f"team calendar differs for {odd}: items {[dict(r) for r in rows]}"
+                                 f"; worker log lines: {lines[-40:]}")
         for mailbox in MAILBOXES:
             own = await _marks(caldav, mailbox)
             assert {k: n for k, n in own.items() if n > 1} == {}
