@@ -28,6 +28,7 @@ import asyncio
 import datetime as dt
 import email.utils
 import enum
+import json
 import math
 import ssl
 from abc import ABC, abstractmethod
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import aiohttp
+from yarl import URL
 
 from consumer.logs import redact_text
 
@@ -207,6 +209,33 @@ class Reply:
             body if isinstance(body, str) else ""
         )
         return " ".join(raw.split())[:200]
+
+
+def parse_body(raw: bytes) -> Any:
+    """A response body as JSON, else as text (an HTML error page); None when empty."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+async def bearer_json(
+    session: aiohttp.ClientSession, method: str, url: URL, body: dict[str, Any] | None,
+    token: str,
+) -> tuple[int, dict[str, str], Any]:
+    """One request of a JSON API with a bearer token (Graph, Google): the status, the
+    headers (names in lower case) and the body as `parse_body` reads it."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    data: bytes | None = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode()
+    async with session.request(method, url, data=data, headers=headers) as response:
+        raw = await response.read()
+        return (response.status, {k.lower(): v for k, v in response.headers.items()},
+                parse_body(raw))
 
 
 async def read_reply(response: aiohttp.ClientResponse) -> Reply:

@@ -62,7 +62,9 @@ from consumer.providers.base import (
     ProviderContext,
     ProviderError,
     Reply,
+    bearer_json,
     https_session,
+    parse_body,
     status_error,
     transport_error,
 )
@@ -521,18 +523,9 @@ class GoogleProvider(Provider):
             wait = self._limits.reserve(key, self.timeout)
             if wait > 0:
                 await asyncio.sleep(wait)
-            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-            data = None
-            if body is not None:
-                headers["Content-Type"] = "application/json"
-                data = json.dumps(body).encode()
             try:
                 session = await self._session()
-                async with session.request(method, url, data=data, headers=headers) as response:
-                    raw = await response.read()
-                    reply = GoogleReply(response.status,
-                                        {k.lower(): v for k, v in response.headers.items()},
-                                        _parse(raw), token)
+                reply = GoogleReply(*await bearer_json(session, method, url, body, token), token)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise translate_error(exc) from exc
             if reply.status != 401:
@@ -683,17 +676,8 @@ class GoogleProvider(Provider):
     async def _request(self, method: str, path: str, body: dict[str, Any] | None,
                        token: str) -> GoogleReply:
         session = await self._session()
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        data: bytes | None = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            data = json.dumps(body).encode()
         url = URL(self.api_url + path, encoded=True)
-        async with session.request(method, url, data=data, headers=headers) as response:
-            raw = await response.read()
-            return GoogleReply(response.status,
-                               {k.lower(): v for k, v in response.headers.items()},
-                               _parse(raw), token)
+        return GoogleReply(*await bearer_json(session, method, url, body, token), token)
 
     async def _batch(self, group: list[_Pending]) -> list[GoogleReply | BaseException]:
         boundary = "batch_" + secrets.token_hex(12)
@@ -723,7 +707,7 @@ class GoogleProvider(Provider):
         if status in (404, 405, 501):
             raise _NoBatch
         if not 200 <= status < 300:
-            reply = GoogleReply(status, envelope_headers, _parse(raw), group[0].token)
+            reply = GoogleReply(status, envelope_headers, parse_body(raw), group[0].token)
             return [reply for _ in group]
         parts = parse_batch(raw, content_type)
         results: list[GoogleReply | BaseException] = []
@@ -733,7 +717,7 @@ class GoogleProvider(Provider):
                 results.append(ProviderError(PROVIDER_ERROR, "the batch response lacks a part",
                                              retriable=True))
             else:
-                results.append(GoogleReply(part[0], part[1], _parse(part[2]), item.token))
+                results.append(GoogleReply(part[0], part[1], parse_body(part[2]), item.token))
         return results
 
 
@@ -782,15 +766,6 @@ def vacation_reply(body: Any) -> ReplySetting:
         audience,  # type: ignore[arg-type]
         str(data.get("responseSubject") or ""),
     )
-
-
-def _parse(raw: bytes) -> Any:
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace")
 
 
 def _mark_of(event: dict[str, Any]) -> str | None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import json
 import re
 import ssl
 import time
@@ -70,6 +69,7 @@ from consumer.providers.base import (
     ProviderContext,
     ProviderError,
     Reply,
+    bearer_json,
     https_session,
     parse_retry_after,
     status_error,
@@ -1007,23 +1007,6 @@ class Microsoft365Provider(Provider):
     async def _request(self, method: str, path: str, body: dict[str, Any] | None,
                        token: str) -> GraphReply:
         session = await self._session()
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        data: bytes | None = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            data = json.dumps(body).encode()
         url = URL(self.graph_url + path, encoded=True)
-        async with session.request(method, url, data=data, headers=headers) as response:
-            raw = await response.read()
-            parsed: Any = None
-            if raw:
-                try:
-                    parsed = json.loads(raw)
-                except ValueError:
-                    parsed = raw.decode("utf-8", "replace")
-            return GraphReply(
-                response.status,
-                {k.lower(): v for k, v in response.headers.items()},
-                parsed,
-                token,
-            )
+        status, headers, parsed = await bearer_json(session, method, url, body, token)
+        return GraphReply(status, headers, parsed, token)
